@@ -1,0 +1,27 @@
+"""Methods by name. Each lives in its own module; `METHODS` maps the CLI/API name to its class."""
+
+from __future__ import annotations
+
+from .base import Method
+from .fastkv import FastKV
+from .fullkv import FullKV
+from .snapkv import SnapKV
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FullKV, SnapKV, FastKV)}
+
+
+def make_method(name: str, **knobs) -> Method:
+    """Build a method from its registered name and knobs (None values mean 'use the default')."""
+    key = name.lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}: choose one of {sorted(METHODS)}")
+    cls = METHODS[key]
+    accepted = {f for f in cls.__dataclass_fields__}
+    given = {k: v for k, v in knobs.items() if v is not None}
+    unknown = sorted(set(given) - accepted)
+    if unknown:
+        raise ValueError(f"method {key!r} has no knob(s) {unknown}; it takes {sorted(accepted)}")
+    return cls(**given)
+
+
+__all__ = ["METHODS", "FastKV", "FullKV", "Method", "SnapKV", "make_method"]

@@ -1,0 +1,175 @@
+"""SnapKV and FastKV against brute-force references built from transformers' own attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastkv import FastKV, FullKV, SnapKV, adapter_for, decode_step, prefill
+
+from .conftest import build_tiny, prompt_ids
+from .reference import (
+    assert_top_entries,
+    eager_attentions,
+    hf_decode_logits,
+    run_layers_on_subset,
+    snap_scores,
+)
+
+L = 80
+W = 8
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_snapkv_keeps_reference_top_entries(family, pooling):
+    model = build_tiny(family, attn="eager")
+    ids = prompt_ids(L)
+    probs = eager_attentions(model, ids)
+    method = SnapKV(budget=24, window_size=W, kernel_size=5, pooling=pooling)
+    cache, _, trace = prefill(adapter_for(model), ids, method)
+    assert trace.tokens_per_layer == [L] * 4  # SnapKV does not cut prefill
+    hkv = model.config.num_key_value_heads
+    for i, p in enumerate(probs):
+        ref = snap_scores(p, W, 5, pooling, hkv)
+        assert cache.lengths[i] == 24
+        for head in range(hkv):
+            assert_top_entries(cache.positions[i][0, head], ref[head], W, 24)
+
+
+def test_snapkv_cache_holds_the_selected_keys(family):
+    model = build_tiny(family)
+    parts = adapter_for(model)
+    ids = prompt_ids(L)
+    full, _, _ = prefill(parts, ids, FullKV())
+    snap, _, _ = prefill(parts, ids, SnapKV(retain_rate=0.3))
+    for i in range(parts.num_layers):
+        idx = snap.positions[i][..., None].expand(-1, -1, -1, parts.head_dim)
+        n = snap.lengths[i]
+        assert n == 24
+        torch.testing.assert_close(snap.keys[i][:, :, :n], full.keys[i][:, :, :L].gather(2, idx))
+        torch.testing.assert_close(snap.values[i][:, :, :n], full.values[i][:, :, :L].gather(2, idx))
+
+
+def test_fastkv_propagates_reference_top_tokens(family):
+    eager = build_tiny(family, attn="eager")
+    ids = prompt_ids(L, seed=3)
+    probs = eager_attentions(eager, ids)
+    method = FastKV(tsp_layer=1, tsp_rate=0.5, budget=24, window_size=W, kernel_size=7)
+    parts = adapter_for(eager)
+    cache, logits, trace = prefill(parts, ids, method)
+
+    hkv = eager.config.num_key_value_heads
+    tsp_ref = snap_scores(probs[1], W, 7, "max", hkv).sum(0)
+    selected = trace.propagated[1][0]
+    assert_top_entries(selected, tsp_ref, W, 40)
+    assert list(trace.propagated) == [1]
+    # Layers after the TSP layer compute on the 40 propagated tokens only.
+    assert trace.tokens_per_layer == [L, L, 40, 40]
+    # Every layer keeps the budget: the full-context layers among L tokens, the later ones among 40.
+    assert cache.lengths == [24] * 4
+    for i in range(2):
+        for head in range(hkv):
+            assert_top_entries(cache.positions[i][0, head], snap_scores(probs[i], W, 7, "max", hkv)[head], W, 24)
+    for i in range(2, 4):
+        assert set(cache.positions[i].flatten().tolist()) <= set(selected.tolist())
+
+    # The propagated tokens carry their original positions: transformers' own layers, run on exactly
+    # those tokens at those positions, give the same logits.
+    ref = run_layers_on_subset(build_tiny(family, attn="sdpa"), ids, split=1, keep=selected)
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", [SnapKV(budget=24), FastKV(tsp_layer=1, tsp_rate=0.5, budget=24)])
+def test_decode_continues_from_original_length(family, method):
+    model = build_tiny(family)
+    parts = adapter_for(model)
+    ids = prompt_ids(L, seed=4)
+    cache, logits, _ = prefill(parts, ids, method, max_new_tokens=3)
+    keys = [k[:, :, :n] for k, n in zip(cache.keys, cache.lengths, strict=True)]
+    values = [v[:, :, :n] for v, n in zip(cache.values, cache.lengths, strict=True)]
+    token = int(logits.argmax())
+    ours = decode_step(parts, cache, torch.tensor([token]), L)
+    ref = hf_decode_logits(model, keys, values, token, position=L)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    # A position taken from the compressed cache length would give other logits.
+    wrong = hf_decode_logits(model, keys, values, token, position=24)
+    assert not torch.allclose(ours, wrong, rtol=1e-4, atol=1e-4)
+    assert cache.lengths == [25] * 4
+
+
+def test_fastkv_without_compression_equals_fullkv(family):
+    model = build_tiny(family)
+    parts = adapter_for(model)
+    ids = prompt_ids(L, seed=5)
+    ref_cache, ref, _ = prefill(parts, ids, FullKV(), max_new_tokens=8)
+    cache, logits, trace = prefill(parts, ids, FastKV(tsp_rate=1.0, retain_rate=1.0), max_new_tokens=8)
+    assert torch.equal(logits, ref)
+    assert trace.tokens_per_layer == [L] * 4 and not trace.propagated
+    for step in range(8):
+        token = ref.argmax(-1)
+        assert torch.equal(token, logits.argmax(-1))
+        ref = decode_step(parts, ref_cache, token, L + step)
+        logits = decode_step(parts, cache, token, L + step)
+        assert torch.equal(logits, ref)
+
+
+def test_short_prompt_is_not_compressed():
+    parts = adapter_for(build_tiny("llama"))
+    ids = prompt_ids(40)
+    cache, _, trace = prefill(parts, ids, SnapKV(budget=40))
+    assert cache.lengths == [40] * 4
+    cache, _, trace = prefill(parts, ids, FastKV(tsp_len=64, budget=64))
+    assert cache.lengths == [40] * 4 and trace.tokens_per_layer == [40] * 4
+
+
+def test_tsp_length_at_least_prompt_drops_nothing():
+    parts = adapter_for(build_tiny("qwen2"))
+    ids = prompt_ids(L)
+    _, _, trace = prefill(parts, ids, FastKV(tsp_len=L, budget=16))
+    assert trace.tokens_per_layer == [L] * 4 and not trace.propagated
+
+
+def test_fastkv_defaults_are_the_papers():
+    parts = adapter_for(build_tiny("llama", num_hidden_layers=8))
+    ids = prompt_ids(200)
+    cache, _, trace = prefill(parts, ids, FastKV())
+    # tsp_layer = 8 // 2 - 1 = 3, tsp_rate 0.2 -> 40 tokens, retain_rate 0.1 -> 20 entries
+    assert trace.tokens_per_layer == [200] * 4 + [40] * 4
+    assert cache.lengths == [20] * 8
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: FastKV(tsp_rate=0.0), "tsp_rate"),
+        (lambda: FastKV(tsp_rate=1.5), "tsp_rate"),
+        (lambda: FastKV(retain_rate=-0.1), "retain_rate"),
+        (lambda: SnapKV(retain_rate=2), "retain_rate"),
+        (lambda: SnapKV(budget=4, window_size=8), "window_size"),
+        (lambda: FastKV(tsp_len=4, window_size=8), "tsp_len"),
+        (lambda: SnapKV(budget=-3), "budget"),
+        (lambda: SnapKV(window_size=-1), "window_size"),
+        (lambda: SnapKV(kernel_size=0), "kernel_size"),
+        (lambda: SnapKV(kernel_size=4), "kernel_size"),
+        (lambda: SnapKV(pooling="median"), "pooling"),
+        (lambda: SnapKV(budget=64, retain_rate=0.1), "retain_rate or budget"),
+        (lambda: FastKV(tsp_len=64, tsp_rate=0.2), "tsp_rate or tsp_len"),
+        (lambda: FastKV(tsp_layer=-1), "tsp_layer"),
+        (lambda: FastKV(tsp_len=1.5), "tsp_len"),
+    ],
+)
+def test_invalid_config_raises_naming_the_field(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_tsp_layer_outside_the_model_raises():
+    parts = adapter_for(build_tiny("llama"))
+    with pytest.raises(ValueError, match="tsp_layer=4 is outside the model"):
+        prefill(parts, prompt_ids(L), FastKV(tsp_layer=4))
+
+
+def test_prompt_longer_than_context_raises():
+    parts = adapter_for(build_tiny("llama", max_position_embeddings=64))
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        prefill(parts, prompt_ids(60), FullKV(), max_new_tokens=8)
