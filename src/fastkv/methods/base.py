@@ -74,9 +74,7 @@ class Method:
         """Indices [B, Hkv, k] (into the `present` tokens) of the entries to cache, or None for all."""
         return None
 
-    def propagate(
-        self, layer: int, scores: torch.Tensor | None, present: int, prompt_len: int
-    ) -> torch.Tensor | None:
+    def propagate(self, layer: int, scores: torch.Tensor | None, present: int, prompt_len: int) -> torch.Tensor | None:
         """Sorted token indices [B, T] that continue to the next layer, or None for all."""
         return None
 

@@ -47,9 +47,7 @@ class FastKV(KVBudget):
         ):
             raise ValueError(f"FastKV.tsp_layer must be a non-negative integer, got {self.tsp_layer!r}")
         if self.tsp_len is not None and self.tsp_len < self.window_size:
-            raise ValueError(
-                f"FastKV.window_size ({self.window_size}) is larger than tsp_len ({self.tsp_len})"
-            )
+            raise ValueError(f"FastKV.window_size ({self.window_size}) is larger than tsp_len ({self.tsp_len})")
 
     def check_model(self, num_layers: int) -> None:
         if self.tsp_layer is not None and self.tsp_layer >= num_layers:
@@ -78,9 +76,7 @@ class FastKV(KVBudget):
         self.check_model(num_layers)
         return replace(self, tsp_layer=self.resolved_tsp_layer(num_layers))
 
-    def propagate(
-        self, layer: int, scores: torch.Tensor | None, present: int, prompt_len: int
-    ) -> torch.Tensor | None:
+    def propagate(self, layer: int, scores: torch.Tensor | None, present: int, prompt_len: int) -> torch.Tensor | None:
         if not self._tsp_here(layer, present, prompt_len):
             return None
         # One ranking for all heads: tokens move as a whole through the residual stream.

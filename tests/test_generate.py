@@ -1,0 +1,115 @@
+"""The generation API: greedy equals transformers, streaming, stop strings, EOS, sampling, stats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastkv import FastKV, FullKV, SnapKV, generate, stream
+
+from .conftest import build_tiny, prompt_ids
+
+
+class CharTokenizer:
+    """One token per character (code point mod 128): enough to exercise text handling offline."""
+
+    chat_template = None
+
+    def __init__(self, eos: int | None = None) -> None:
+        self.eos_token_id = eos
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(65 + i % 58) for i in ids)
+
+
+PROMPT = prompt_ids(64, seed=7)[0].tolist()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny("llama")
+
+
+def test_greedy_matches_transformers_generate(model):
+    result = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=20)
+    with torch.no_grad():
+        ref = model.generate(
+            torch.tensor([PROMPT]),
+            attention_mask=torch.ones_like(torch.tensor([PROMPT])),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    assert result.token_ids == ref[0, 64:].tolist()
+    assert result.finish_reason == "length"
+    assert result.text == CharTokenizer().decode(result.token_ids)
+
+
+def test_streamed_pieces_make_the_text(model):
+    pieces = []
+    result = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=12, on_text=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces) == result.text
+
+
+def test_stop_string_cuts_the_text(model):
+    full = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=20).text
+    stop = full[6:9]
+    cut = full[: full.find(stop)]
+    pieces = list(stream(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=20, stop=[stop]))
+    result = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=20, stop=[stop])
+    assert result.finish_reason == "stop" and result.text == cut
+    assert "".join(pieces) == cut  # nothing of the stop string leaked into the stream
+
+
+def test_eos_ends_generation(model):
+    tokens = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=20).token_ids
+    eos = tokens[5]
+    result = generate(model, CharTokenizer(eos=eos), PROMPT, FullKV(), max_new_tokens=20)
+    assert result.finish_reason == "eos"
+    assert result.token_ids == tokens[: tokens.index(eos)]
+
+
+def test_sampling_is_seeded(model):
+    def run(seed, **kw):
+        return generate(
+            model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=16, temperature=1.0, seed=seed, **kw
+        ).token_ids
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    greedy = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=16).token_ids
+    assert run(3, top_p=1e-6) == greedy  # a nucleus of one token is greedy
+
+
+def test_stats_report_the_compression(model):
+    result = generate(
+        model,
+        CharTokenizer(),
+        prompt_ids(200)[0].tolist(),
+        FastKV(tsp_layer=1, tsp_rate=0.5, budget=40),
+        max_new_tokens=4,
+    )
+    s = result.stats
+    assert s.prompt_tokens == 200 and s.new_tokens == 4
+    assert s.tokens_per_layer == [200, 200, 100, 100]
+    assert s.kv_entries_per_layer == [40] * 4
+    assert s.kv_bytes * 5 == s.kv_bytes_full
+    assert s.prefill_seconds > 0 and s.decode_tokens_per_s > 0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"chat": True}, "chat template"),
+    ],
+)
+def test_bad_generation_options_raise(model, options, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, CharTokenizer(), "some text", SnapKV(), **options)

@@ -1,0 +1,85 @@
+"""qwen2.5-0.5b from its PyPI packages: exactness against transformers, passkey retrieval, the CLI.
+
+Marked slow (about two minutes on 2 CPU cores, plus a one-time conversion). When the model packages are
+missing these tests skip, unless FASTKV_REQUIRE_MODELS=1 (set by CI), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastkv import LLM, FastKV, FullKV, SnapKV, passkey_prompt, prefill
+from fastkv.cli import app
+from fastkv.models import REGISTRY, part_paths
+
+pytestmark = pytest.mark.slow
+
+if part_paths(REGISTRY["qwen2.5-0.5b"]) is None:
+    if os.environ.get("FASTKV_REQUIRE_MODELS") == "1":
+        raise RuntimeError(f"qwen2.5-0.5b is not installed: {REGISTRY['qwen2.5-0.5b'].pip_command}")
+    pytest.skip("qwen2.5-0.5b is not installed", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM.load("qwen2.5-0.5b", progress=False)
+
+
+def test_fullkv_matches_transformers_on_the_real_model(llm):
+    ids = llm.tokenizer("def quicksort(xs):\n    " * 40, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = llm.model(ids, logits_to_keep=1).logits[:, -1]
+    _, logits, _ = prefill(llm.parts, ids, FullKV())
+    assert ((logits - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "method",
+    [FullKV(), SnapKV(retain_rate=0.1), FastKV(tsp_rate=0.2, retain_rate=0.1)],
+    ids=["fullkv", "snapkv", "fastkv"],
+)
+def test_passkey_at_2k_tokens(llm, method):
+    needle = passkey_prompt(llm.tokenizer, 2048, depth=0.4, seed=3)
+    result = llm.generate(needle.text, method, max_new_tokens=10, chat=True)
+    s = result.stats
+    assert 1900 < s.prompt_tokens <= 2048
+    assert needle.is_correct(result.text), (method, result.text)
+    if method.name != "fullkv":
+        assert s.kv_entries_per_layer == [s.prompt_tokens // 10] * 24
+    if method.name == "fastkv":
+        assert s.tokens_per_layer == [s.prompt_tokens] * 12 + [s.prompt_tokens // 5] * 12
+
+
+def test_prompt_longer_than_the_context_is_refused(llm):
+    with pytest.raises(ValueError, match="exceeds the model's context of 32768"):
+        llm.generate([1000] * 32760, FullKV(), max_new_tokens=16)
+
+
+def test_cli_models_and_bad_input():
+    runner = CliRunner()
+    listed = runner.invoke(app, ["models"])
+    assert listed.exit_code == 0 and "qwen2.5-0.5b" in listed.output and "pip install" in listed.output
+    bad = runner.invoke(app, ["generate", "--method", "nosuch", "-q", "hi"])
+    assert bad.exit_code == 2 and "unknown method 'nosuch'" in bad.output
+    bad = runner.invoke(app, ["generate", "--method", "snapkv", "--tsp-rate", "0.3", "-q", "hi"])
+    assert bad.exit_code == 2 and "no knob" in bad.output
+    bad = runner.invoke(app, ["generate", "--tsp-rate", "3", "-q", "hi"])
+    assert bad.exit_code == 2 and "tsp_rate" in bad.output
+    bad = runner.invoke(app, ["generate", "--model", "nosuch", "-q", "hi"])
+    assert bad.exit_code == 2 and "unknown model 'nosuch'" in bad.output
+
+
+def test_cli_generate_and_demo():
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", "--method", "fullkv", "-q", "Reply with the word yes.", "-n", "4"])
+    assert result.exit_code == 0, result.output
+    assert "prompt tokens" in result.output
+    demo = runner.invoke(app, ["demo", "--tokens", "1024", "-n", "8"])
+    assert demo.exit_code == 0, demo.output
+    for name in ("fullkv", "snapkv", "fastkv"):
+        assert name in demo.output
+    assert demo.output.count("yes") >= 3  # every method found the needle at 1K tokens
