@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 
 
 def eager_attentions(model, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -54,25 +54,102 @@ def assert_top_entries(kept: torch.Tensor, scores: torch.Tensor, window: int, ex
 
 
 @torch.no_grad()
-def run_layers_on_subset(model, ids: torch.Tensor, split: int, keep: torch.Tensor) -> torch.Tensor:
-    """Last-token logits when layers 0..split see the whole prompt and later layers see only the
-    tokens at positions `keep` (sorted), at those positions. Uses transformers' decoder layers."""
+def run_layers_with_drops(model, ids: torch.Tensor, drops: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Last-token logits when, after each layer i in `drops`, only the tokens at original positions
+    drops[i] (sorted) continue, at those positions. Uses transformers' own decoder layers."""
     assert model.config._attn_implementation == "sdpa"  # causal when no mask is given
     base = model.model
     h = base.embed_tokens(ids)
     pos = torch.arange(ids.shape[1])[None]
     for i, layer in enumerate(base.layers):
-        if i == split + 1:
-            h, pos = h[:, keep], pos[:, keep]
         h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=base.rotary_emb(h, pos))
+        if i in drops:
+            keep = torch.isin(pos[0], drops[i].flatten())
+            h, pos = h[:, keep], pos[:, keep]
     return model.lm_head(base.norm(h))[:, -1]
 
 
+def run_layers_on_subset(model, ids: torch.Tensor, split: int, keep: torch.Tensor) -> torch.Tensor:
+    """Layers 0..split see the whole prompt, later layers only the tokens at positions `keep`."""
+    return run_layers_with_drops(model, ids, {split: keep})
+
+
 @torch.no_grad()
-def hf_decode_logits(model, keys, values, token: int, position: int) -> torch.Tensor:
-    """transformers' own decode step over a given cache (lists of [B, Hkv, n, d]) at `position`."""
-    cache = DynamicCache(config=model.config)
-    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
-        cache.update(k.clone(), v.clone(), i)
-    out = model(torch.tensor([[token]]), position_ids=torch.tensor([[position]]), cache=cache)
-    return out.logits[:, -1]
+def last_query_dots(model, ids: torch.Tensor, layer_index: int) -> torch.Tensor:
+    """Sum over query heads of q_last . k_t at a layer, by loops over transformers' modules: [L]."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    base = model.model
+    h = base.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])[None]
+    cos_sin = base.rotary_emb(h, pos)
+    for layer in base.layers[:layer_index]:
+        h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin)
+    attn = base.layers[layer_index].self_attn
+    x = base.layers[layer_index].input_layernorm(h)
+    d = attn.head_dim
+    q = attn.q_proj(x).view(1, ids.shape[1], -1, d)
+    k = attn.k_proj(x).view(1, ids.shape[1], -1, d)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), *cos_sin)
+    hq, hkv = q.shape[1], k.shape[1]
+    dots = torch.zeros(ids.shape[1], dtype=torch.float64)
+    for h_ in range(hq):
+        for t in range(ids.shape[1]):
+            dots[t] += float(q[0, h_, -1] @ k[0, h_ // (hq // hkv), t])
+    return dots
+
+
+def avg_pool(values: torch.Tensor, kernel: int) -> torch.Tensor:
+    half = kernel // 2
+    n = values.shape[0]
+    return torch.tensor(
+        [sum(float(values[s]) for s in range(t - half, t + half + 1) if 0 <= s < n) / kernel for t in range(n)],
+        dtype=torch.float64,
+    )
+
+
+def _per_layer_masked_attention(masks):
+    """An attention function for transformers that applies masks[layer] [B, Hkv, n] (True = attend)."""
+
+    def attend(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+        mask = masks[module.layer_idx]
+        if mask is not None:
+            logits = logits.masked_fill(~mask.repeat_interleave(group, dim=1)[:, :, None, :], float("-inf"))
+        probs = logits.softmax(dim=-1)
+        return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+    return attend
+
+
+@torch.no_grad()
+def hf_decode_logits(model, cache, token: int, position: int) -> torch.Tensor:
+    """transformers' own decode step over the entries of a fastkv cache, at `position`.
+
+    For a padded cache (AdaKV) the model runs with a test-only attention function that masks each
+    layer's padding; otherwise with its own attention.
+    """
+    hf_cache = DynamicCache(config=model.config)
+    masks = []
+    for i, (k, v, n) in enumerate(zip(cache.keys, cache.values, cache.lengths, strict=True)):
+        hf_cache.update(k[:, :, :n].clone(), v[:, :, :n].clone(), i)
+        if cache.valid[i] is None:
+            masks.append(None)
+        else:
+            mask = cache.valid[i][:, :, : n + 1].clone()
+            mask[:, :, -1] = True  # the new token
+            masks.append(mask)
+    inputs = dict(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[position]]), cache=hf_cache)
+    if all(m is None for m in masks):
+        return model(**inputs).logits[:, -1]
+    AttentionInterface.register("fastkv_test_masked", _per_layer_masked_attention(masks))
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("fastkv_test_masked")
+    try:
+        return model(**inputs).logits[:, -1]
+    finally:
+        model.set_attn_implementation(previous)

@@ -4,13 +4,32 @@ from .adapters import Adapter, adapter_for
 from .cache import KVCache
 from .engine import PrefillTrace, decode_step, prefill
 from .generate import LLM, GenerationResult, GenerationStats, generate, stream
-from .methods import METHODS, FastKV, FullKV, Method, SnapKV, make_method
+from .methods import (
+    H2O,
+    METHODS,
+    AdaKV,
+    FastKV,
+    FullKV,
+    GemFilter,
+    Method,
+    PyramidInfer,
+    PyramidKV,
+    SnapKV,
+    StreamingLLM,
+    make_method,
+)
 from .models import REGISTRY, ModelNotInstalledError, load
 from .needle import passkey_prompt
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "H2O",
+    "AdaKV",
+    "GemFilter",
+    "PyramidInfer",
+    "PyramidKV",
+    "StreamingLLM",
     "METHODS",
     "Adapter",
     "FastKV",

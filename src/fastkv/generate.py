@@ -143,7 +143,8 @@ def stream(
     start = time.perf_counter()
     for step in range(max_new_tokens):
         if step:
-            logits = decode_step(parts, cache, torch.tensor([out[-1]], device=parts.device), len(ids) + step - 1)
+            token_ids = torch.tensor([out[-1]], device=parts.device)
+            logits = decode_step(parts, cache, token_ids, cache.position_base + step - 1)
         token = sample(logits[0], temperature, top_p, generator)
         if token in eos:
             finish = "eos"

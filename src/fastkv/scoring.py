@@ -66,3 +66,39 @@ def top_with_window(scores: torch.Tensor, keep: int, window_size: int) -> torch.
     top = scores.topk(keep - window_size, dim=-1).indices
     window = torch.arange(p, p + window_size, device=scores.device).expand(*scores.shape[:-1], window_size)
     return torch.cat([top, window], dim=-1).sort(dim=-1).values
+
+
+def accumulated_scores(q: torch.Tensor, keys: torch.Tensor, scale: float, chunk_mib: float = 64) -> torch.Tensor:
+    """H2O's score: the attention each key receives from every prompt query, causally.
+
+    q [B, Hq, n, d], keys [B, Hkv, n, d] -> float32 [B, Hkv, n], summed over queries and the query heads
+    of each GQA group. Queries are processed in chunks so that only [B, Hq, chunk, n] is held at a time
+    (about `chunk_mib` MiB), never the n x n matrix.
+    """
+    b, hq, n, d = q.shape
+    hkv = keys.shape[1]
+    group = hq // hkv
+    chunk = max(1, int(chunk_mib * 2**20 // (4 * b * hq * n)))
+    k32 = keys.float().transpose(-1, -2)
+    total = torch.zeros(b, hkv, n, dtype=torch.float32, device=q.device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        # Queries start..stop-1 see keys 0..stop-1 only.
+        qc = q[:, :, start:stop].float().reshape(b, hkv, group * (stop - start), d)
+        logits = torch.matmul(qc, k32[..., :stop]).mul_(scale).view(b, hkv, group, stop - start, stop)
+        future = torch.arange(stop, device=q.device)[None, :] > torch.arange(start, stop, device=q.device)[:, None]
+        logits.masked_fill_(future, float("-inf"))
+        total[..., :stop] += logits.softmax(dim=-1).sum(dim=(2, 3))
+    return total
+
+
+def last_query_scores(q: torch.Tensor, keys: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """GemFilter's score: the last query's q.k, summed over all heads, average-pooled along tokens.
+
+    q [B, Hq, n, d], keys [B, Hkv, n, d] -> float32 [B, 1, n].
+    """
+    b, hq, _, d = q.shape
+    hkv = keys.shape[1]
+    last = q[:, :, -1].float().reshape(b, hkv, hq // hkv, d)
+    dots = torch.matmul(last, keys.float().transpose(-1, -2)).sum(dim=(1, 2))  # [B, n]
+    return F.avg_pool1d(dots[:, None], kernel_size, stride=1, padding=kernel_size // 2)

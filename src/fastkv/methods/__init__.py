@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from .adakv import AdaKV
 from .base import Method
 from .fastkv import FastKV
 from .fullkv import FullKV
+from .gemfilter import GemFilter
+from .h2o import H2O
+from .pyramidinfer import PyramidInfer
+from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
+from .streamingllm import StreamingLLM
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FullKV, SnapKV, FastKV)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (FullKV, SnapKV, FastKV, StreamingLLM, H2O, PyramidKV, AdaKV, GemFilter, PyramidInfer)
+}
 
 
 def make_method(name: str, **knobs) -> Method:
@@ -24,4 +32,17 @@ def make_method(name: str, **knobs) -> Method:
     return cls(**given)
 
 
-__all__ = ["METHODS", "FastKV", "FullKV", "Method", "SnapKV", "make_method"]
+__all__ = [
+    "METHODS",
+    "H2O",
+    "AdaKV",
+    "FastKV",
+    "FullKV",
+    "GemFilter",
+    "Method",
+    "PyramidInfer",
+    "PyramidKV",
+    "SnapKV",
+    "StreamingLLM",
+    "make_method",
+]

@@ -7,11 +7,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..scoring import top_with_window
-from .base import KVBudget, check_one_of, share_of
+from .base import check_layer, check_not_larger, check_one_of, check_positive_int, share_of
+from .snapkv import SnapKV
 
 
 @dataclass(kw_only=True)
-class FastKV(KVBudget):
+class FastKV(SnapKV):
     """Token-Selective Propagation (TSP) for prefill, plus a SnapKV-style cache for decoding.
 
     - Layers 0..tsp_layer run on the full prompt of L tokens and compress their caches as SnapKV does.
@@ -33,28 +34,20 @@ class FastKV(KVBudget):
 
     name = "fastkv"
     reduces = "both"
+    paper = "https://arxiv.org/abs/2502.01068"
 
     tsp_layer: int | None = None
     tsp_rate: float | None = None
     tsp_len: int | None = None
 
     def __post_init__(self) -> None:
-        self.check_window()
-        self.check_budget()
+        super().__post_init__()
         check_one_of(self, "tsp_rate", "tsp_len", default_rate=0.2)
-        if self.tsp_layer is not None and (
-            isinstance(self.tsp_layer, bool) or not isinstance(self.tsp_layer, int) or self.tsp_layer < 0
-        ):
-            raise ValueError(f"FastKV.tsp_layer must be a non-negative integer, got {self.tsp_layer!r}")
-        if self.tsp_len is not None and self.tsp_len < self.window_size:
-            raise ValueError(f"FastKV.window_size ({self.window_size}) is larger than tsp_len ({self.tsp_len})")
+        check_positive_int(self, "tsp_layer", allow_none=True, minimum=0)
+        check_not_larger(self, "window_size", "tsp_len")
 
     def check_model(self, num_layers: int) -> None:
-        if self.tsp_layer is not None and self.tsp_layer >= num_layers:
-            raise ValueError(
-                f"FastKV.tsp_layer={self.tsp_layer} is outside the model: it has {num_layers} layers "
-                f"(0..{num_layers - 1})"
-            )
+        check_layer(self, "tsp_layer", num_layers)
 
     def resolved_tsp_layer(self, num_layers: int) -> int:
         return self.tsp_layer if self.tsp_layer is not None else max(0, num_layers // 2 - 1)
@@ -65,7 +58,7 @@ class FastKV(KVBudget):
         return max(self.window_size, share_of(self.tsp_rate, prompt_len))
 
     def wants_scores(self, layer: int, present: int, prompt_len: int) -> bool:
-        return self.compresses(present, prompt_len) or self._tsp_here(layer, present, prompt_len)
+        return self.compresses(layer, present, prompt_len) or self._tsp_here(layer, present, prompt_len)
 
     def _tsp_here(self, layer: int, present: int, prompt_len: int) -> bool:
         if self.tsp_layer is None:

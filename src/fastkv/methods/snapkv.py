@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import KVBudget
+from .base import TopKWindow, WindowScored
 
 
 @dataclass(kw_only=True)
-class SnapKV(KVBudget):
+class SnapKV(TopKWindow, WindowScored):
     """Keep the KV entries that the observation window attends to most, per layer and KV head.
 
     Prefill runs on the full prompt (it is not faster); the cache of every layer shrinks to the budget,
@@ -30,10 +30,8 @@ class SnapKV(KVBudget):
 
     name = "snapkv"
     reduces = "KV cache"
+    paper = "https://arxiv.org/abs/2404.14469"
 
     def __post_init__(self) -> None:
         self.check_window()
         self.check_budget()
-
-    def wants_scores(self, layer: int, present: int, prompt_len: int) -> bool:
-        return self.compresses(present, prompt_len)
