@@ -1,27 +1,92 @@
-"""Prefill and decode speed of fastkv's engine against transformers' own forward, measured side by side.
+"""Prefill and decode speed and memory of fastkv's methods against transformers, measured side by side.
 
     python benchmarks/prefill_decode.py                      # qwen2.5-0.5b at 4K and 8K tokens
-    python benchmarks/prefill_decode.py --lengths 2048 --decode-lengths 4096 --steps 8
+    python benchmarks/prefill_decode.py --methods all        # every registered method
+    python benchmarks/prefill_decode.py --lengths 16384 --methods fullkv,h2o --decode-lengths ""
 
 For each prompt length it times, in one process and one after the other:
 - transformers: `model(ids, logits_to_keep=1)` for prefill, then its own decode loop (DynamicCache);
-- the engine under FullKV, SnapKV (retain 0.1) and FastKV (tsp_rate 0.2, retain 0.1).
-Then it times single decode steps over caches filled directly (no prefill) at several lengths, for a
-full cache and a 10% cache. Ratios are computed within the run, since this machine is noisy.
+- the engine under each method (default: FullKV, SnapKV and FastKV), every KV budget at retain 0.1
+  and FastKV at tsp_rate 0.2; PyramidInfer follows its own schedule.
+For each it prints prefill seconds, decode ms/token, KV MiB and peak memory (the most the process
+held during prefill and decoding beyond what it held before), with ratios to transformers and to the
+engine's FullKV. Then it times single decode steps over caches filled directly (no prefill) at several
+lengths, for a full cache and a 10% cache. Ratios are computed within the run: the machine is noisy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
+import os
 import platform
 import statistics
+import threading
 import time
 
 import torch
 
-from fastkv import FastKV, FullKV, KVCache, SnapKV, adapter_for, decode_step, prefill
+from fastkv import METHODS, KVCache, adapter_for, decode_step, make_method, prefill
 from fastkv.models import load
+
+
+class PeakMemory:
+    """Peak memory beyond the level at entry: CUDA allocator stats, or RSS sampled every 2 ms on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        self.base = self.peak = rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, rss())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def return_freed_memory_to_the_os() -> None:
+    """Serve large allocations with mmap (glibc), so that freed tensors leave RSS and peaks are honest."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, fixed
+
+
+def method_for(name: str):
+    """A method at the benchmark's settings: KV budgets at retain 0.1, FastKV at tsp_rate 0.2."""
+    cls = METHODS[name]
+    knobs = {"retain_rate": 0.1} if "retain_rate" in cls.__dataclass_fields__ else {}
+    if name == "fastkv":
+        knobs["tsp_rate"] = 0.2
+    return make_method(name, **knobs)
 
 
 def timed(fn):
@@ -36,25 +101,28 @@ def prompt(vocab: int, length: int, seed: int = 0) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def bench_transformers(model, ids: torch.Tensor, steps: int) -> tuple[float, float]:
-    out, prefill_s = timed(lambda: model(ids, logits_to_keep=1))
-    cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
-    times = []
-    for _ in range(steps):
-        out, t = timed(lambda c=cache, tok=token: model(tok, cache=c))
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        times.append(t)
-    return prefill_s, statistics.median(times) * 1e3
+def bench_transformers(model, ids: torch.Tensor, steps: int) -> tuple[float, float, float]:
+    with PeakMemory(ids.device) as peak:
+        out, prefill_s = timed(lambda: model(ids, logits_to_keep=1))
+        cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for _ in range(steps):
+            out, t = timed(lambda c=cache, tok=token: model(tok, cache=c))
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(t)
+        del out, cache
+    return prefill_s, statistics.median(times) * 1e3, peak.mib
 
 
-def bench_engine(parts, ids: torch.Tensor, method, steps: int) -> tuple[float, float, float]:
-    (cache, logits, _), prefill_s = timed(lambda: prefill(parts, ids, method, max_new_tokens=steps))
-    token, times = logits.argmax(-1), []
-    for step in range(steps):
-        logits, t = timed(lambda s=step, tok=token: decode_step(parts, cache, tok, ids.shape[1] + s))
-        token = logits.argmax(-1)
-        times.append(t)
-    return prefill_s, statistics.median(times) * 1e3, cache.nbytes() / 2**20
+def bench_engine(parts, ids: torch.Tensor, method, steps: int) -> tuple[float, float, float, float]:
+    with PeakMemory(parts.device) as peak:
+        (cache, logits, _), prefill_s = timed(lambda: prefill(parts, ids, method, max_new_tokens=steps))
+        token, times = logits.argmax(-1), []
+        for step in range(steps):
+            logits, t = timed(lambda s=step, tok=token: decode_step(parts, cache, tok, cache.position_base + s))
+            token = logits.argmax(-1)
+            times.append(t)
+    return prefill_s, statistics.median(times) * 1e3, cache.nbytes() / 2**20, peak.mib
 
 
 def filled_cache(parts, length: int, steps: int) -> KVCache:
@@ -79,70 +147,78 @@ def bench_decode_at(parts, prompt_len: int, kept: int, steps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--methods", default="fullkv,snapkv,fastkv", help="comma-separated names, or 'all'")
     ap.add_argument("--lengths", default="4096,8192", help="prompt lengths in tokens")
     ap.add_argument("--decode-lengths", default="4096,16384,32704", help="cache lengths for decode timing")
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed (median reported)")
+    ap.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    return_freed_memory_to_the_os()
+    names = list(METHODS) if args.methods == "all" else [m.strip().lower() for m in args.methods.split(",")]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}: choose from {sorted(METHODS)} or 'all'")
+    names = ["fullkv"] + [n for n in names if n != "fullkv"]  # FullKV first: the other ratios need it
+    methods = {name: method_for(name) for name in names}
 
     model, _ = load(args.model, progress=False)
     parts = adapter_for(model)
     vocab = model.config.vocab_size
     print(
         f"# {args.model} float32 on {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} decode steps (median)"
     )
+    for name, method in methods.items():
+        print(f"#   {name}: {method.describe()}")
     # Warm up kernels and allocator so that the first timed run is not penalised.
-    bench_engine(parts, prompt(vocab, 256), FullKV(), 2)
+    bench_engine(parts, prompt(vocab, 256), methods["fullkv"], 2)
     bench_transformers(model, prompt(vocab, 256), 2)
 
-    methods = {
-        "fullkv": FullKV(),
-        "snapkv": SnapKV(retain_rate=0.1),
-        "fastkv": FastKV(tsp_rate=0.2, retain_rate=0.1),
-    }
     results: dict = {"prefill": [], "decode_at": []}
     print(
-        "\nt/HF: this run's time divided by transformers' (<= 1.05 means no slower); "
-        "speedup: the inverse; t/Full: time divided by the engine's FullKV"
+        "\n/HF: time divided by transformers' (<= 1.05: no slower); x HF: speedup over transformers; "
+        "/Full: divided by the engine's FullKV; peak: most memory held beyond the start of the run"
     )
-    print(
-        f"\n{'tokens':>7} {'run':<13} {'prefill s':>9} {'t/HF':>6} {'speedup':>7} {'t/Full':>6} "
-        f"{'decode ms':>9} {'t/HF':>6} {'speedup':>7} {'KV MiB':>7}"
+    header = (
+        f"{'tokens':>7} {'run':<13} {'prefill s':>9} {'/HF':>5} {'x HF':>5} {'/Full':>5} {'decode ms':>9} "
+        f"{'/HF':>5} {'/Full':>5} {'KV MiB':>7} {'/Full':>5} {'peak MiB':>8} {'/Full':>5}"
     )
-    for length in [int(x) for x in args.lengths.split(",")]:
+    print("\n" + header)
+    for length in [int(x) for x in args.lengths.split(",") if x]:
         ids = prompt(vocab, length)
-        hf_prefill, hf_decode = bench_transformers(model, ids, args.steps)
-        print(
-            f"{length:>7} {'transformers':<13} {hf_prefill:>9.2f} {1:>6.2f} {1:>7.2f} {'':>6} "
-            f"{hf_decode:>9.1f} {1:>6.2f} {1:>7.2f}"
-        )
-        row = {"tokens": length, "transformers": {"prefill_s": hf_prefill, "decode_ms": hf_decode}}
-        full_prefill = None
-        for name, method in methods.items():
-            p, dms, mib = bench_engine(parts, ids, method, args.steps)
-            full_prefill = full_prefill or p
+        row: dict = {"tokens": length}
+        hf_prefill = hf_decode = None
+        if not args.no_transformers:
+            hf_prefill, hf_decode, hf_peak = bench_transformers(model, ids, args.steps)
+            row["transformers"] = {"prefill_s": hf_prefill, "decode_ms": hf_decode, "peak_mib": hf_peak}
             print(
-                f"{length:>7} {name:<13} {p:>9.2f} {p / hf_prefill:>6.2f} {hf_prefill / p:>7.2f} "
-                f"{p / full_prefill:>6.2f} {dms:>9.1f} {dms / hf_decode:>6.2f} {hf_decode / dms:>7.2f} {mib:>7.1f}"
+                f"{length:>7} {'transformers':<13} {hf_prefill:>9.2f} {1:>5.2f} {1:>5.2f} {'':>5} {hf_decode:>9.1f} "
+                f"{1:>5.2f} {'':>5} {'':>7} {'':>5} {hf_peak:>8.0f}"
             )
-            row[name] = {
-                "prefill_s": p,
-                "decode_ms": dms,
-                "kv_mib": mib,
-                "prefill_speedup": hf_prefill / p,
-                "decode_speedup": hf_decode / dms,
-            }
+        full = None
+        for name, method in methods.items():
+            p, dms, kv, peak = bench_engine(parts, ids, method, args.steps)
+            full = full or (p, dms, kv, peak)
+            vs_hf = (p / hf_prefill, hf_prefill / p, dms / hf_decode) if hf_prefill else (float("nan"),) * 3
+            print(
+                f"{length:>7} {name:<13} {p:>9.2f} {vs_hf[0]:>5.2f} {vs_hf[1]:>5.2f} {p / full[0]:>5.2f} "
+                f"{dms:>9.1f} {vs_hf[2]:>5.2f} {dms / full[1]:>5.2f} {kv:>7.1f} {kv / full[2]:>5.2f} "
+                f"{peak:>8.0f} {peak / full[3]:>5.2f}"
+            )
+            row[name] = {"prefill_s": p, "decode_ms": dms, "kv_mib": kv, "peak_mib": peak}
         results["prefill"].append(row)
 
-    print(f"\n{'cache':>7} {'full ms':>8} {'10% ms':>8} {'speedup':>8}")
-    for length in [int(x) for x in args.decode_lengths.split(",")]:
-        full = bench_decode_at(parts, length, length, args.steps)
-        small = bench_decode_at(parts, length, length // 10, args.steps)
-        print(f"{length:>7} {full:>8.1f} {small:>8.1f} {full / small:>8.2f}")
-        results["decode_at"].append({"cache": length, "full_ms": full, "ten_percent_ms": small})
+    decode_lengths = [int(x) for x in args.decode_lengths.split(",") if x]
+    if decode_lengths:
+        print(f"\n{'cache':>7} {'full ms':>8} {'10% ms':>8} {'speedup':>8}")
+    for length in decode_lengths:
+        full_ms = bench_decode_at(parts, length, length, args.steps)
+        small_ms = bench_decode_at(parts, length, length // 10, args.steps)
+        print(f"{length:>7} {full_ms:>8.1f} {small_ms:>8.1f} {full_ms / small_ms:>8.2f}")
+        results["decode_at"].append({"cache": length, "full_ms": full_ms, "ten_percent_ms": small_ms})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

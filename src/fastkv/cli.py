@@ -57,14 +57,23 @@ def generate(
     method: str = typer.Option("fastkv", "--method", help=f"one of: {', '.join(METHODS)}"),
     prompt_file: Path | None = typer.Option(None, "--prompt-file", "-f", help="context file (default: stdin)"),
     question: str | None = typer.Option(None, "--question", "-q", help="appended after the context"),
-    tsp_layer: int | None = typer.Option(None, help="FastKV: last layer on the full prompt"),
-    tsp_rate: float | None = typer.Option(None, help="FastKV: share of tokens propagated (default 0.2)"),
-    tsp_len: int | None = typer.Option(None, help="FastKV: tokens propagated (instead of --tsp-rate)"),
+    tsp_layer: int | None = typer.Option(None, help="fastkv: last layer on the full prompt"),
+    tsp_rate: float | None = typer.Option(None, help="fastkv: share of tokens propagated (default 0.2)"),
+    tsp_len: int | None = typer.Option(None, help="fastkv: tokens propagated (instead of --tsp-rate)"),
     retain_rate: float | None = typer.Option(None, help="KV budget as a share of the prompt (default 0.1)"),
     budget: int | None = typer.Option(None, help="KV entries kept per layer (instead of --retain-rate)"),
-    window_size: int | None = typer.Option(None, help="observation window (default 8)"),
-    kernel_size: int | None = typer.Option(None, help="odd pooling width (default 7)"),
-    pooling: str | None = typer.Option(None, help="max or avg (default max)"),
+    window_size: int | None = typer.Option(None, help="observation window / recent tokens kept"),
+    kernel_size: int | None = typer.Option(None, help="odd pooling width"),
+    pooling: str | None = typer.Option(None, help="max or avg"),
+    sink: int | None = typer.Option(None, help="streamingllm: attention-sink tokens (default 4)"),
+    chunk_mib: int | None = typer.Option(None, help="h2o: MiB per chunk of scores (default 64)"),
+    beta: int | None = typer.Option(None, help="pyramidkv: budget slope (default 20)"),
+    alpha: float | None = typer.Option(None, help="adakv: guaranteed share per head (default 0.2)"),
+    filter_layer: int | None = typer.Option(None, help="gemfilter: the filter layer"),
+    start_layer: int | None = typer.Option(None, help="pyramidinfer: first dropping layer (default 2)"),
+    interval: int | None = typer.Option(None, help="pyramidinfer: layers between drops (default 2)"),
+    decay: float | None = typer.Option(None, help="pyramidinfer: share kept per drop (default 0.8)"),
+    min_len: int | None = typer.Option(None, help="pyramidinfer: fewest tokens kept (default 64)"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0),
@@ -150,21 +159,18 @@ def models() -> None:
 @app.command()
 def methods() -> None:
     """List the KV methods, what each reduces, and their defaults."""
-    table = Table(title="fastkv methods")
-    for col in ("name", "reduces", "defaults", "summary"):
+    table = Table(title="fastkv methods (--method NAME)")
+    for col in ("name", "reduces", "defaults", "paper"):
         table.add_column(col, overflow="fold")
     for cls in METHODS.values():
         instance = cls()
-        defaults = (
-            ", ".join(
-                f"{f.name}={getattr(instance, f.name)}"
-                for f in fields(instance)
-                if getattr(instance, f.name) is not None
-            )
-            or "-"
-        )
-        summary = (cls.__doc__ or "").strip().splitlines()[0]
-        table.add_row(cls.name, cls.reduces, defaults, summary)
+        shown = []
+        for f in fields(instance):
+            value = getattr(instance, f.name)
+            if value is not None or f.name in cls.auto:
+                shown.append(f"{f.name}={value if value is not None else cls.auto[f.name]}")
+        defaults = ", ".join(shown) or "-"
+        table.add_row(cls.name, cls.reduces, defaults, cls.paper or "-")
     out.print(table)
 
 

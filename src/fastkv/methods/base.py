@@ -75,9 +75,11 @@ class Method:
     """Base of all methods. Subclasses are kw-only dataclasses; `__post_init__` validates their fields."""
 
     name: ClassVar[str]
-    reduces: ClassVar[str]  # "nothing", "KV cache", "prefill compute", or "both"
+    reduces: ClassVar[str]  # "nothing", "KV cache", or "prefill + KV cache"
     paper: ClassVar[str] = ""
     restarts: ClassVar[bool] = False
+    # Defaults that depend on the model, for listings: field -> rule
+    auto: ClassVar[dict[str, str]] = {}
 
     def check_model(self, num_layers: int) -> None:
         """Raise ValueError for fields that do not fit a model with `num_layers` layers."""

@@ -33,8 +33,9 @@ class FastKV(SnapKV):
     """
 
     name = "fastkv"
-    reduces = "both"
+    reduces = "prefill + KV cache"
     paper = "https://arxiv.org/abs/2502.01068"
+    auto = {"tsp_layer": "layers//2-1"}
 
     tsp_layer: int | None = None
     tsp_rate: float | None = None

@@ -28,9 +28,10 @@ class GemFilter(Budgeted):
     """
 
     name = "gemfilter"
-    reduces = "both"
+    reduces = "prefill + KV cache"
     paper = "https://arxiv.org/abs/2409.17422"
     restarts = True
+    auto = {"filter_layer": "round(13/32*layers)"}
 
     filter_layer: int | None = None
     window_size: int = 1

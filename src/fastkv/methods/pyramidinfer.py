@@ -28,7 +28,7 @@ class PyramidInfer(WindowScored):
     """
 
     name = "pyramidinfer"
-    reduces = "both"
+    reduces = "prefill + KV cache"
     paper = "https://arxiv.org/abs/2405.12532"
 
     start_layer: int = 2
