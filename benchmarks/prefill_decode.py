@@ -33,12 +33,20 @@ from fastkv.models import load
 
 
 class PeakMemory:
-    """Peak memory beyond the level at entry: CUDA allocator stats, or RSS sampled every 2 ms on CPU."""
+    """Peak memory beyond the level at entry: CUDA allocator stats, or RSS sampled every 2 ms on CPU.
+
+    Off unless `PeakMemory.enabled` (--memory): on CPU it needs every large allocation to be a fresh
+    mmap, which slows the run, so timings and peaks come from separate runs.
+    """
+
+    enabled = False
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.peak = device, 0
+        self.device, self.peak, self.base = device, 0, 0
 
     def __enter__(self) -> PeakMemory:
+        if not self.enabled:
+            return self
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -56,6 +64,8 @@ class PeakMemory:
             time.sleep(0.002)
 
     def __exit__(self, *exc) -> None:
+        if not self.enabled:
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device)
@@ -66,7 +76,7 @@ class PeakMemory:
 
     @property
     def mib(self) -> float:
-        return (self.peak - self.base) / 2**20
+        return (self.peak - self.base) / 2**20 if self.enabled else float("nan")
 
 
 def rss() -> int:
@@ -152,11 +162,14 @@ def main() -> None:
     ap.add_argument("--decode-lengths", default="4096,16384,32704", help="cache lengths for decode timing")
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed (median reported)")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--memory", action="store_true", help="measure peak memory (slows the timings: run apart)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    return_freed_memory_to_the_os()
+    if args.memory:
+        PeakMemory.enabled = True
+        return_freed_memory_to_the_os()
     names = list(METHODS) if args.methods == "all" else [m.strip().lower() for m in args.methods.split(",")]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
@@ -180,7 +193,7 @@ def main() -> None:
     results: dict = {"prefill": [], "decode_at": []}
     print(
         "\n/HF: time divided by transformers' (<= 1.05: no slower); x HF: speedup over transformers; "
-        "/Full: divided by the engine's FullKV; peak: most memory held beyond the start of the run"
+        "/Full: divided by the engine's FullKV; peak: most memory held beyond the start of the run (--memory)"
     )
     header = (
         f"{'tokens':>7} {'run':<13} {'prefill s':>9} {'/HF':>5} {'x HF':>5} {'/Full':>5} {'decode ms':>9} "

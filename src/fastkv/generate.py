@@ -41,6 +41,7 @@ class GenerationResult:
     finish_reason: str  # "eos", "stop" (a stop string) or "length"
     stats: GenerationStats
     method: str = field(default="")
+    first_logits: torch.Tensor | None = field(default=None, repr=False)  # float32 [V]: the prompt's last position
 
 
 def _sync(device: torch.device) -> None:
@@ -137,6 +138,7 @@ def stream(
     _sync(parts.device)
     prefill_seconds = time.perf_counter() - start
     kv_bytes, kv_bytes_full = cache.nbytes(), cache.full_nbytes()
+    first_logits = logits[0]
 
     out: list[int] = []
     text, emitted, finish = "", 0, "length"
@@ -168,6 +170,7 @@ def stream(
         token_ids=out,
         finish_reason=finish,
         method=method.describe(),
+        first_logits=first_logits,
         stats=GenerationStats(
             prompt_tokens=len(ids),
             new_tokens=len(out),

@@ -181,6 +181,15 @@ def load(
     return model.to(device).eval(), tokenizer
 
 
+def load_tokenizer(name: str = DEFAULT_MODEL, progress: bool = True):
+    """The tokenizer alone, by the same names as `load`."""
+    from transformers import AutoTokenizer
+
+    if name in REGISTRY:
+        return AutoTokenizer.from_pretrained(prepare(REGISTRY[name], progress=progress))
+    return AutoTokenizer.from_pretrained(name)
+
+
 def _looks_like_hub_id(name: str) -> bool:
     pieces = name.split("/")
     return len(pieces) == 2 and all(pieces) and not name.startswith((".", "/"))

@@ -1,0 +1,221 @@
+"""Run evaluation items under many methods, with resume, fidelity to FullKV, and summaries.
+
+Output directory:
+- `predictions.jsonl`: one line per (model, setting, method, task, index), appended as it is produced;
+  a rerun skips what is there, so an interrupted run resumes where it stopped.
+- `metrics.json`: mean score per task and on average, plus fidelity to FullKV, per run label.
+- `summary.md`, `summary.csv`: the same as tables.
+- `run.json`: config, command, model, package versions, machine and duration.
+- `logits/`: FullKV first-token logits per item, so fidelity survives a resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+from ..methods import FullKV, Method
+
+
+@dataclass
+class Item:
+    """One prompt to answer: already rendered (chat template applied or not), with its scorer."""
+
+    task: str
+    index: int
+    prompt: str
+    special_tokens: bool  # add the tokenizer's special tokens when encoding (False after a chat template)
+    max_new_tokens: int
+    references: list[str]
+    scorer: Callable[[str], float]
+    meta: dict = field(default_factory=dict)
+
+
+def first_token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(P_ref || P) of two next-token distributions given as logits [V]."""
+    ref = reference_logits.float().log_softmax(-1)
+    other = logits.float().log_softmax(-1)
+    return float((ref.exp() * (ref - other)).sum())
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in ("fastkv", "torch", "transformers", "gguf", "safetensors"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": sys.version.split()[0],
+    }
+
+
+def _key(row: dict) -> tuple:
+    return (row["model"], row["setting"], row["method"], row["task"], row["index"])
+
+
+def run(
+    llm,
+    model_name: str,
+    setting: str,
+    methods: dict[str, Method],
+    items: Sequence[Item],
+    out_dir: str | Path,
+    config: dict,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict:
+    """Answer every item under every method (FullKV first, for fidelity); return the metrics."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    out = Path(out_dir)
+    (out / "logits").mkdir(parents=True, exist_ok=True)
+    pred_path = out / "predictions.jsonl"
+    done: dict[tuple, dict] = {}
+    if pred_path.exists():
+        for line in pred_path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[_key(row)] = row
+    labels = ["fullkv"] + [m for m in methods if m != "fullkv"]
+    methods = {"fullkv": methods.get("fullkv", FullKV()), **methods}
+    started = time.time()
+    todo = sum((model_name, setting, m, it.task, it.index) not in done for it in items for m in labels)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not progress) as bar, open(pred_path, "a") as sink:
+        task_id = bar.add_task(f"{model_name} {setting}", total=todo)
+        for item in items:
+            ids = llm.tokenizer(item.prompt, add_special_tokens=item.special_tokens)["input_ids"]
+            logits_path = out / "logits" / f"{model_name.replace('/', '_')}-{setting}-{item.task}-{item.index}.pt"
+            full_answer = done.get((model_name, setting, "fullkv", item.task, item.index), {}).get("prediction")
+            full_logits = torch.load(logits_path) if logits_path.exists() else None
+            for label in labels:
+                key = (model_name, setting, label, item.task, item.index)
+                if key in done and not (label == "fullkv" and full_logits is None and len(labels) > 1):
+                    continue
+                bar.update(task_id, description=f"{model_name} {setting} {label:>12} {item.task}")
+                result = llm.generate(ids, methods[label], max_new_tokens=item.max_new_tokens, seed=seed)
+                s = result.stats
+                row = {
+                    "model": model_name,
+                    "setting": setting,
+                    "method": label,
+                    "task": item.task,
+                    "index": item.index,
+                    "prediction": result.text,
+                    "references": item.references,
+                    "score": item.scorer(result.text),
+                    "prompt_tokens": s.prompt_tokens,
+                    "prefill_s": round(s.prefill_seconds, 3),
+                    "decode_tok_s": round(s.decode_tokens_per_s, 3),
+                    "kv_ratio": round(s.kv_ratio, 4),
+                    **item.meta,
+                }
+                if label == "fullkv":
+                    full_answer, full_logits = result.text, result.first_logits.cpu()
+                    torch.save(full_logits, logits_path)
+                else:
+                    row["agrees_with_fullkv"] = result.text.strip() == (full_answer or "").strip()
+                    row["first_token_kl"] = first_token_kl(full_logits, result.first_logits.cpu())
+                if key not in done:
+                    bar.advance(task_id)
+                done[key] = row
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+    metrics = summarize(list(done.values()))
+    write_reports(out, metrics, config, started)
+    return metrics
+
+
+def summarize(rows: list[dict]) -> dict:
+    """{run label: {"tasks": {task: mean score %}, "average": ..., "agreement": %, "kl": mean}}."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[f"{row['model']} | {row['setting']} | {row['method']}"].append(row)
+    out = {}
+    for label, group in sorted(groups.items()):
+        by_task: dict[str, list[float]] = defaultdict(list)
+        for row in group:
+            by_task[row["task"]].append(row["score"])
+        tasks = {t: 100 * sum(v) / len(v) for t, v in sorted(by_task.items())}
+        entry = {
+            "tasks": tasks,
+            "average": sum(tasks.values()) / len(tasks),
+            "samples": len(group),
+            "kv_ratio": sum(r["kv_ratio"] for r in group) / len(group),
+            "prefill_s": sum(r["prefill_s"] for r in group) / len(group),
+        }
+        compared = [r for r in group if "agrees_with_fullkv" in r]
+        if compared:
+            entry["agreement"] = 100 * sum(r["agrees_with_fullkv"] for r in compared) / len(compared)
+            entry["first_token_kl"] = sum(r["first_token_kl"] for r in compared) / len(compared)
+        out[label] = entry
+    return out
+
+
+def write_reports(out: Path, metrics: dict, config: dict, started: float) -> None:
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    tasks = sorted({t for m in metrics.values() for t in m["tasks"]})
+    header = ["run", *tasks, "average", "agreement %", "first-token KL", "KV share", "prefill s"]
+    rows = []
+    for label, m in metrics.items():
+        rows.append(
+            [label]
+            + [f"{m['tasks'][t]:.1f}" if t in m["tasks"] else "" for t in tasks]
+            + [
+                f"{m['average']:.1f}",
+                f"{m['agreement']:.0f}" if "agreement" in m else "-",
+                f"{m['first_token_kl']:.4f}" if "first_token_kl" in m else "-",
+                f"{m['kv_ratio']:.3f}",
+                f"{m['prefill_s']:.1f}",
+            ]
+        )
+    with open(out / "summary.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    previous = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    record = {
+        "command": " ".join(sys.argv),
+        "config": config,
+        "versions": versions(),
+        "machine": machine(),
+        "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))),
+        "duration_s": previous.get("duration_s", 0.0) + (time.time() - started),
+    }
+    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -1,0 +1,167 @@
+"""RULER generation (determinism, needle depths, lengths), NIAH prompts and heatmaps, and an end-to-end
+evaluation of two samples on a tiny model through the runner and the CLI.
+
+These need qwen2.5-0.5b's tokenizer and the data packages installed by scripts/setup.sh; they skip when
+those are missing, unless FASTKV_REQUIRE_MODELS=1 (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastkv.eval import niah, ruler
+from fastkv.eval.data import DataNotInstalledError, essay_words, sentences
+from fastkv.models import REGISTRY, load_tokenizer, part_paths
+
+try:
+    essay_words()
+    missing = None if part_paths(REGISTRY["qwen2.5-0.5b"]) else "qwen2.5-0.5b is not installed"
+except DataNotInstalledError as e:
+    missing = str(e)
+if missing:
+    if os.environ.get("FASTKV_REQUIRE_MODELS") == "1":
+        raise RuntimeError(missing)
+    pytest.skip(missing, allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("qwen2.5-0.5b", progress=False)
+
+
+@pytest.mark.parametrize("task", ruler.TASKS)
+def test_samples_are_reproducible_and_fit_the_length(tokenizer, task):
+    a = ruler.generate(task, tokenizer, 4096, seed=7, index=1)
+    b = ruler.generate(task, tokenizer, 4096, seed=7, index=1)
+    assert json.dumps(a.to_dict()) == json.dumps(b.to_dict())  # byte-identical
+    assert ruler.generate(task, tokenizer, 4096, seed=8, index=1).input != a.input
+    prompt = ruler.render(tokenizer, a.input, a.answer_prefix, chat=True)
+    measured = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + a.max_new_tokens
+    assert measured == a.length
+    assert 0.98 * 4096 <= a.length <= 4096
+    assert a.outputs and all(isinstance(o, str) and o for o in a.outputs)
+
+
+@pytest.mark.parametrize("task", [t for t in ruler.TASKS if t.startswith("niah")])
+def test_needles_sit_at_their_depths(tokenizer, task):
+    sample = ruler.generate(task, tokenizer, 4096, seed=3, index=0)
+    start = sample.input.index("\n") + 1
+    end = sample.input.rindex("\n")
+    context = sample.input[start:end]
+    essay = ruler.NIAH[task][0] == "essay"
+    texts = [n["needle"] for n in sample.needles]
+    for needle in sample.needles:
+        assert context.count(needle["needle"]) == 1
+        prefix = context[: context.index(needle["needle"])]
+        earlier = sum(t in prefix for t in texts)  # needles placed before this one
+        # haystack units (essay sentences, or lines) before the needle, as the generator intended
+        units = len(sentences(prefix)) if essay else prefix.count("\n")
+        assert units - earlier == needle["before"], (needle, units, earlier)
+        assert abs(needle["before"] / needle["units"] - needle["depth"]) <= 1 / needle["units"] + 1e-9
+    for answer in sample.outputs:  # every answer is stated by a needle
+        assert any(answer in n["needle"] for n in sample.needles)
+
+
+def test_unknown_task_and_short_length_raise(tokenizer):
+    with pytest.raises(ValueError, match="unknown RULER task"):
+        ruler.generate("niah_single_9", tokenizer, 4096)
+    with pytest.raises(ValueError, match="too short"):
+        ruler.generate("niah_single_1", tokenizer, 150)
+
+
+def test_niah_prompt_and_heatmaps(tokenizer, tmp_path):
+    prompt = niah.prompt(tokenizer, 1024, 0.5)
+    assert niah.NEEDLE in prompt
+    assert len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + niah.MAX_NEW_TOKENS <= 1024
+    # 11 of the needle's 19 distinct words
+    assert niah.score("Eat a sandwich and sit in Dolores Park on a sunny day.") == pytest.approx(11 / 19)
+    assert niah.score(niah.NEEDLE.upper()) == 1.0
+    assert niah.score("I do not know.") < 0.2
+    rows = [
+        {"method": m, "length": n, "depth": d, "score": s}
+        for m, s in (("fullkv", 1.0), ("snapkv", 0.5))
+        for n in (1024, 2048)
+        for d in (0.0, 0.5, 1.0)
+    ]
+    files = niah.heatmaps(rows, tmp_path)
+    assert [f.name for f in files] == ["niah_fullkv.png", "niah_snapkv.png", "niah_methods.png"]
+    assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tokenizer, tmp_path_factory):
+    """A tiny random Qwen2 model with qwen2.5-0.5b's tokenizer, saved like any local model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        use_sliding_window=False,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny")
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_end_to_end_ruler_eval_resumes(tiny_dir, tmp_path):
+    from fastkv.cli import app
+
+    out = tmp_path / "run"
+    args = [
+        "eval",
+        "ruler",
+        "--model",
+        str(tiny_dir),
+        "--methods",
+        "fullkv,snapkv,fastkv",
+        "--length",
+        "1024",
+        "--samples",
+        "2",
+        "--tasks",
+        "niah_single_1,qa_1",
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 3  # tasks x samples x methods
+    assert {r["method"] for r in rows} == {"fullkv", "snapkv", "fastkv"}
+    for r in rows:
+        assert 0 <= r["score"] <= 1 and r["prompt_tokens"] <= 1024
+        if r["method"] != "fullkv":
+            assert r["first_token_kl"] >= 0 and isinstance(r["agrees_with_fullkv"], bool)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {f"{tiny_dir} | 1024 | {m}" for m in ("fastkv", "fullkv", "snapkv")}
+    assert "agreement" in metrics[f"{tiny_dir} | 1024 | snapkv"]
+    assert (out / "summary.md").read_text().startswith("| run |")
+    assert (out / "summary.csv").exists()
+    record = json.loads((out / "run.json").read_text())
+    assert record["versions"]["torch"] and record["machine"]["cpus"] and record["duration_s"] > 0
+    assert record["config"]["samples"] == 2
+    # A second run finds everything done and adds nothing.
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_eval_rejects_unknown_methods_and_tasks(tiny_dir):
+    from fastkv.cli import app
+
+    bad = CliRunner().invoke(app, ["eval", "ruler", "--model", str(tiny_dir), "--methods", "nosuch"])
+    assert bad.exit_code == 2 and "unknown method" in bad.output
+    bad = CliRunner().invoke(app, ["eval", "ruler", "--model", str(tiny_dir), "--tasks", "nosuch"])
+    assert bad.exit_code == 2 and "unknown RULER task" in bad.output
