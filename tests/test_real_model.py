@@ -83,3 +83,55 @@ def test_cli_generate_and_demo():
     for name in ("fullkv", "snapkv", "fastkv"):
         assert name in demo.output
     assert demo.output.count("yes") >= 3  # every method found the needle at 1K tokens
+
+
+def needle_positions(tokenizer, prompt: str, answer: str) -> set[int]:
+    """Token positions of the first occurrence of the passkey in the prompt."""
+    enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    start = prompt.index(answer)
+    end = start + len(answer)
+    return {i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start}
+
+
+def kept_share(cache, trace, key: set[int]) -> float:
+    """Share of layers whose cache holds every needle token (in some head); GemFilter: 1 if its second
+    pass got them."""
+    if trace.filter_pass:
+        return float(key <= set(next(iter(trace.propagated.values())).flatten().tolist()))
+    return sum(key <= set(p.flatten().tolist()) for p in cache.positions) / len(cache.positions)
+
+
+def test_every_method_on_a_2k_passkey(llm):
+    from fastkv import METHODS, decode_step, make_method
+
+    needle = passkey_prompt(llm.tokenizer, 2048, depth=0.4, seed=3)
+    prompt = llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": needle.text}], add_generation_prompt=True, tokenize=False
+    )
+    ids = torch.tensor([llm.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    key = needle_positions(llm.tokenizer, prompt, needle.answer)
+    shares, correct = {}, set()
+    for name, cls in METHODS.items():
+        method = make_method(name, **({"retain_rate": 0.1} if "retain_rate" in cls.__dataclass_fields__ else {}))
+        cache, logits, trace = prefill(llm.parts, ids, method, max_new_tokens=8)
+        tokens = []
+        for step in range(8):
+            tokens.append(int(logits.argmax()))
+            logits = decode_step(llm.parts, cache, torch.tensor(tokens[-1:]), cache.position_base + step)
+        answer = llm.tokenizer.decode(tokens, skip_special_tokens=True)
+        shares[name] = kept_share(cache, trace, key)
+        if needle.is_correct(answer):
+            correct.add(name)
+        if name == "streamingllm":
+            # sinks plus the most recent tokens, in every layer and head
+            budget = ids.shape[1] // 10
+            expected = list(range(4)) + list(range(ids.shape[1] - (budget - 4), ids.shape[1]))
+            assert all(head.tolist() == expected for p in cache.positions for head in p[0])
+            assert shares[name] == 0  # the needle, at 40% depth, is gone
+    # The query-aware selectors keep the needle in most layers and answer it. H2O (whose scores favour
+    # early tokens) and PyramidInfer (which drops context from the residual stream) were seen to miss
+    # it on this prompt; they are held to their invariants in test_matrix.py, not to an answer here.
+    selectors = {"fullkv", "snapkv", "fastkv", "pyramidkv", "adakv", "gemfilter"}
+    assert selectors <= correct, (shares, correct)
+    assert all(shares[name] >= 0.5 for name in selectors - {"pyramidkv"}), shares
+    assert "streamingllm" not in correct
