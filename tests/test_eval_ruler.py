@@ -11,12 +11,13 @@ import json
 import os
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from fastkv.eval import niah, ruler
 from fastkv.eval.data import DataNotInstalledError, essay_words, sentences
 from fastkv.models import REGISTRY, load_tokenizer, part_paths
+
+from .conftest import build_tiny
 
 try:
     essay_words()
@@ -96,21 +97,9 @@ def test_niah_prompt_and_heatmaps(tokenizer, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_dir(tokenizer, tmp_path_factory):
     """A tiny random Qwen2 model with qwen2.5-0.5b's tokenizer, saved like any local model."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        use_sliding_window=False,
-    )
-    torch.manual_seed(0)
+    model = build_tiny("qwen2", vocab_size=len(tokenizer), max_position_embeddings=4096)
     path = tmp_path_factory.mktemp("tiny")
-    Qwen2ForCausalLM(config).save_pretrained(path)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -47,3 +47,17 @@ def test_greedy_tokens_match_generate(family):
     assert ours == ref[0, 64:].tolist()
     # One entry per decoded token was appended in place to every layer (the last token is not fed back).
     assert cache.lengths == [64 + 31] * 4
+
+
+def test_half_precision_follows_transformers(family):
+    # bfloat16 and float16 take the same path; the engine must stay as close to transformers as
+    # transformers' own float32 result is to it.
+    for dtype in (torch.bfloat16, torch.float16):
+        model = build_tiny(family).to(dtype)
+        ids = prompt_ids(64, seed=9)
+        with torch.no_grad():
+            ref = model(ids).logits[:, -1].float()
+            exact = build_tiny(family)(ids).logits[:, -1]
+        _, logits, _ = prefill(adapter_for(model), ids, FullKV())
+        assert logits.dtype == torch.float32
+        assert (logits - ref).abs().max() <= 2 * (ref - exact).abs().max() + 1e-2

@@ -7,27 +7,21 @@ from dataclasses import fields
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .console import err, fail, load_llm, out
 from .eval.cli import app as eval_app
 from .methods import METHODS, FastKV, FullKV, Method, SnapKV, make_method
-from .models import DEFAULT_MODEL, REGISTRY, ModelNotInstalledError, status
+from .models import DEFAULT_MODEL, REGISTRY, status
 
 app = typer.Typer(
     help="FastKV: faster prefill and decoding for long prompts on HuggingFace models.",
     no_args_is_help=True,
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
 app.add_typer(eval_app, name="eval")
-
-
-def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
+KNOBS = sorted({name for cls in METHODS.values() for name in cls.__dataclass_fields__})
 
 
 def prefill_progress(num_layers: int, label: str) -> tuple[Progress, callable]:
@@ -42,15 +36,6 @@ def prefill_progress(num_layers: int, label: str) -> tuple[Progress, callable]:
     )
     task = progress.add_task(label, total=num_layers)
     return progress, lambda _layer: progress.advance(task)
-
-
-def load_llm(model: str, dtype: str, device: str):
-    from .generate import LLM
-
-    try:
-        return LLM.load(model, dtype=dtype, device=device)
-    except (ValueError, ModelNotInstalledError) as e:
-        fail(str(e))
 
 
 @app.command()
@@ -86,16 +71,8 @@ def generate(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Generate a completion for a long context (from a file or stdin), streaming it to stdout."""
-    knobs = dict(
-        tsp_layer=tsp_layer,
-        tsp_rate=tsp_rate,
-        tsp_len=tsp_len,
-        retain_rate=retain_rate,
-        budget=budget,
-        window_size=window_size,
-        kernel_size=kernel_size,
-        pooling=pooling,
-    )
+    # Every method knob is an option of this command; the method refuses the ones it does not have.
+    knobs = {name: value for name, value in locals().items() if name in KNOBS}
     try:
         chosen = make_method(method, **knobs)
     except ValueError as e:

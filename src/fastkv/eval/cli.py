@@ -6,19 +6,12 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from ..console import fail, load_llm, out
 from ..methods import METHODS, Method, make_method
 
 app = typer.Typer(help="Offline long-context evaluation: RULER, needle in a haystack, LongBench files.")
-out = Console()
-err = Console(stderr=True)
-
-
-def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
 
 
 def split(text: str) -> list[str]:
@@ -43,16 +36,6 @@ def build_methods(names: str, retain_rate: float | None, tsp_rate: float | None)
         except ValueError as e:
             fail(str(e))
     return methods
-
-
-def load_llm(model: str, dtype: str, device: str):
-    from ..generate import LLM
-    from ..models import ModelNotInstalledError
-
-    try:
-        return LLM.load(model, dtype=dtype, device=device)
-    except (ValueError, ModelNotInstalledError) as e:
-        fail(str(e))
 
 
 def show(metrics: dict, out_dir: Path) -> None:

@@ -1,0 +1,26 @@
+"""Console helpers shared by the `fastkv` commands: output streams, errors, model loading."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    """Print an error that names the problem and exit with status 2."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def load_llm(model: str, dtype: str, device: str):
+    """Load a model for a command, turning a bad name or a missing package into a clear error."""
+    from .generate import LLM
+    from .models import ModelNotInstalledError
+
+    try:
+        return LLM.load(model, dtype=dtype, device=device)
+    except (ValueError, ModelNotInstalledError) as e:
+        fail(str(e))
