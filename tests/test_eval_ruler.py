@@ -136,7 +136,9 @@ def test_end_to_end_ruler_eval_resumes(tiny_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {f"{tiny_dir} | 1024 | {m}" for m in ("fastkv", "fullkv", "snapkv")}
     assert "agreement" in metrics[f"{tiny_dir} | 1024 | snapkv"]
-    assert (out / "summary.md").read_text().startswith("| run |")
+    summary = (out / "summary.md").read_text().splitlines()
+    assert summary[0].startswith("| model | setting | method | niah_single_1 | qa_1 | average |")
+    assert len(summary) == 2 + 3 and all(line.count("|") == summary[0].count("|") for line in summary)
     assert (out / "summary.csv").exists()
     record = json.loads((out / "run.json").read_text())
     assert record["versions"]["torch"] and record["machine"]["cpus"] and record["duration_s"] > 0

@@ -219,3 +219,18 @@ def longbench(
     }
     out_path = out_dir or Path("runs") / "longbench"
     show(run(llm, model, "longbench", built, items, out_path, config), out_path)
+
+
+@app.command()
+def report(out_dir: Path = typer.Argument(..., help="an evaluation output directory")) -> None:
+    """Rebuild metrics.json and the summaries of a run from its predictions.jsonl (e.g. after a stop)."""
+    from .runner import summarize, write_reports
+
+    path = out_dir / "predictions.jsonl"
+    if not path.is_file():
+        fail(f"{path} not found")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    record = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").exists() else {}
+    metrics = summarize(rows)
+    write_reports(out_dir, metrics, record.get("config", {}), started=None)
+    show(metrics, out_dir)

@@ -5,7 +5,7 @@ Output directory:
   a rerun skips what is there, so an interrupted run resumes where it stopped.
 - `metrics.json`: mean score per task and on average, plus fidelity to FullKV, per run label.
 - `summary.md`, `summary.csv`: the same as tables.
-- `run.json`: config, command, model, package versions, machine and duration.
+- `run.json`: config, the commands that produced the directory, package versions, machine, duration.
 - `logits/`: FullKV first-token logits per item, so fidelity survives a resume.
 """
 
@@ -187,14 +187,15 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def write_reports(out: Path, metrics: dict, config: dict, started: float) -> None:
+def write_reports(out: Path, metrics: dict, config: dict, started: float | None) -> None:
+    """Write metrics.json, summary.md/.csv and run.json; `started` None rebuilds without adding time."""
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     tasks = sorted({t for m in metrics.values() for t in m["tasks"]})
-    header = ["run", *tasks, "average", "agreement %", "first-token KL", "KV share", "prefill s"]
+    header = ["model", "setting", "method", *tasks, "average", "agreement %", "first-token KL", "KV share", "prefill s"]
     rows = []
     for label, m in metrics.items():
         rows.append(
-            [label]
+            label.split(" | ")
             + [f"{m['tasks'][t]:.1f}" if t in m["tasks"] else "" for t in tasks]
             + [
                 f"{m['average']:.1f}",
@@ -206,16 +207,20 @@ def write_reports(out: Path, metrics: dict, config: dict, started: float) -> Non
         )
     with open(out / "summary.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # labels hold no "|" here
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     previous = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    if started is None and previous:
+        return
+    now = time.time()
     record = {
-        "command": " ".join(sys.argv),
+        # every invocation that added to this directory, in order (a resume with more methods adds one)
+        "commands": [*previous.get("commands", []), " ".join(sys.argv)],
         "config": config,
         "versions": versions(),
         "machine": machine(),
-        "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))),
-        "duration_s": previous.get("duration_s", 0.0) + (time.time() - started),
+        "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started or now))),
+        "duration_s": previous.get("duration_s", 0.0) + (now - (started or now)),
     }
     (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
