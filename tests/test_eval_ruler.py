@@ -156,3 +156,28 @@ def test_eval_rejects_unknown_methods_and_tasks(tiny_dir):
     assert bad.exit_code == 2 and "unknown method" in bad.output
     bad = CliRunner().invoke(app, ["eval", "ruler", "--model", str(tiny_dir), "--tasks", "nosuch"])
     assert bad.exit_code == 2 and "unknown RULER task" in bad.output
+
+
+def test_end_to_end_niah_writes_heatmaps(tiny_dir, tmp_path):
+    from fastkv.cli import app
+
+    out = tmp_path / "niah"
+    args = [
+        "eval",
+        "niah",
+        "--model",
+        str(tiny_dir),
+        "--methods",
+        "fullkv,fastkv",
+        "--lengths",
+        "512,1024",
+        "--depths",
+        "0,1",
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2 * 2 * 2
+    for name in ("niah_fullkv.png", "niah_fastkv.png", "niah_methods.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
