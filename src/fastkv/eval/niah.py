@@ -14,7 +14,8 @@ from . import data
 from .ruler import count_tokens, essay_sentences, largest_fitting, render
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
-QUESTION = "What is the best thing to do in San Francisco? Don't give information outside the document."
+# The question alone: an extra instruction here becomes the "most relevant sentence" small models quote.
+QUESTION = "What is the best thing to do in San Francisco?"
 ANSWER_PREFIX = " Here is the most relevant sentence in the context:"
 MAX_NEW_TOKENS = 48
 
@@ -86,8 +87,11 @@ def heatmaps(rows: list[dict], out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         files.append(path)
     fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 1.5 + 0.5 * len(depths)), squeeze=False)
-    for ax, method in zip(axes[0], methods, strict=True):
+    for i, (ax, method) in enumerate(zip(axes[0], methods, strict=True)):
         image = draw(ax, method)
+        if i:  # one depth axis for the row
+            ax.set_ylabel("")
+            ax.set_yticklabels([])
     fig.colorbar(image, ax=axes[0].tolist(), label="score %")
     path = out / "niah_methods.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
