@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from fastkv import METHODS, KVCache, adapter_for, decode_step, make_method, prefill
+from fastkv import METHODS, KVCache, adapter_for, decode_step, prefill
+from fastkv.methods import make_with_shared
 from fastkv.models import load
 
 
@@ -92,11 +93,7 @@ def return_freed_memory_to_the_os() -> None:
 
 def method_for(name: str):
     """A method at the benchmark's settings: KV budgets at retain 0.1, FastKV at tsp_rate 0.2."""
-    cls = METHODS[name]
-    knobs = {"retain_rate": 0.1} if "retain_rate" in cls.__dataclass_fields__ else {}
-    if name == "fastkv":
-        knobs["tsp_rate"] = 0.2
-    return make_method(name, **knobs)
+    return make_with_shared(name, retain_rate=0.1, tsp_rate=0.2)
 
 
 def timed(fn):

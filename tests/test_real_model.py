@@ -102,7 +102,8 @@ def kept_share(cache, trace, key: set[int]) -> float:
 
 
 def test_every_method_on_a_2k_passkey(llm):
-    from fastkv import METHODS, decode_step, make_method
+    from fastkv import METHODS, decode_step
+    from fastkv.methods import make_with_shared
 
     needle = passkey_prompt(llm.tokenizer, 2048, depth=0.4, seed=3)
     prompt = llm.tokenizer.apply_chat_template(
@@ -111,8 +112,8 @@ def test_every_method_on_a_2k_passkey(llm):
     ids = torch.tensor([llm.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     key = needle_positions(llm.tokenizer, prompt, needle.answer)
     shares, correct = {}, set()
-    for name, cls in METHODS.items():
-        method = make_method(name, **({"retain_rate": 0.1} if "retain_rate" in cls.__dataclass_fields__ else {}))
+    for name in METHODS:
+        method = make_with_shared(name, retain_rate=0.1)
         cache, logits, trace = prefill(llm.parts, ids, method, max_new_tokens=8)
         tokens = []
         for step in range(8):

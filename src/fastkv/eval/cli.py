@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..console import fail, load_llm, out
-from ..methods import METHODS, Method, make_method
+from ..methods import METHODS, Method, make_with_shared
 
 app = typer.Typer(help="Offline long-context evaluation: RULER, needle in a haystack, LongBench files.")
 
@@ -25,14 +25,8 @@ def build_methods(names: str, retain_rate: float | None, tsp_rate: float | None)
     for name in chosen:
         if name not in METHODS:
             fail(f"unknown method {name!r}: choose from {sorted(METHODS)} or 'all'")
-        fields = METHODS[name].__dataclass_fields__
-        knobs = {}
-        if retain_rate is not None and "retain_rate" in fields:
-            knobs["retain_rate"] = retain_rate
-        if tsp_rate is not None and "tsp_rate" in fields:
-            knobs["tsp_rate"] = tsp_rate
         try:
-            methods[name] = make_method(name, **knobs)
+            methods[name] = make_with_shared(name, retain_rate=retain_rate, tsp_rate=tsp_rate)
         except ValueError as e:
             fail(str(e))
     return methods

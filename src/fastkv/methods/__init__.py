@@ -32,6 +32,14 @@ def make_method(name: str, **knobs) -> Method:
     return cls(**given)
 
 
+def make_with_shared(name: str, **shared) -> Method:
+    """A method by name, given the shared knobs (None: the method's default) that it has; the others are
+    left out. For comparisons that set one KV budget or TSP rate across methods."""
+    key = name.lower()
+    fields = METHODS[key].__dataclass_fields__ if key in METHODS else {}
+    return make_method(key, **{k: v for k, v in shared.items() if k in fields})
+
+
 __all__ = [
     "METHODS",
     "H2O",
@@ -45,4 +53,5 @@ __all__ = [
     "SnapKV",
     "StreamingLLM",
     "make_method",
+    "make_with_shared",
 ]

@@ -51,6 +51,14 @@ def check_one_of(obj: object, rate: str, size: str, default_rate: float) -> None
     check_positive_int(obj, size, allow_none=True)
 
 
+def check_odd_kernel(obj: object) -> None:
+    """window_size and kernel_size are positive, and the pooling kernel is odd (same-length pooling)."""
+    check_positive_int(obj, "window_size")
+    check_positive_int(obj, "kernel_size")
+    if obj.kernel_size % 2 == 0:
+        raise ValueError(f"{type(obj).__name__}.kernel_size must be odd, got {obj.kernel_size}")
+
+
 def check_not_larger(obj: object, small: str, large: str) -> None:
     a, b = getattr(obj, small), getattr(obj, large)
     if a is not None and b is not None and a > b:
@@ -116,10 +124,7 @@ class WindowScored(Method):
     pooling: str = "max"
 
     def check_window(self) -> None:
-        check_positive_int(self, "window_size")
-        check_positive_int(self, "kernel_size")
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"{type(self).__name__}.kernel_size must be odd, got {self.kernel_size}")
+        check_odd_kernel(self)
         if self.pooling not in POOLINGS:
             raise ValueError(f"{type(self).__name__}.pooling must be one of {POOLINGS}, got {self.pooling!r}")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..scoring import last_query_scores, top_with_window
-from .base import Budgeted, check_layer, check_positive_int
+from .base import Budgeted, check_layer, check_odd_kernel, check_positive_int
 
 
 @dataclass(kw_only=True)
@@ -39,10 +39,7 @@ class GemFilter(Budgeted):
 
     def __post_init__(self) -> None:
         check_positive_int(self, "filter_layer", allow_none=True, minimum=0)
-        check_positive_int(self, "window_size")
-        check_positive_int(self, "kernel_size")
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"GemFilter.kernel_size must be odd, got {self.kernel_size}")
+        check_odd_kernel(self)
         self.check_budget()
 
     def check_model(self, num_layers: int) -> None:
