@@ -1,8 +1,9 @@
 """Prefill and decode speed and memory of fastkv's methods against transformers, measured side by side.
 
     python benchmarks/prefill_decode.py                      # qwen2.5-0.5b at 4K and 8K tokens
-    python benchmarks/prefill_decode.py --methods all        # every registered method
+    python benchmarks/prefill_decode.py --methods all        # every preset
     python benchmarks/prefill_decode.py --lengths 16384 --methods fullkv,h2o --decode-lengths ""
+    python benchmarks/prefill_decode.py --methods 'fastkv(kernel_size=13),fastkv+adakv'   # any method specs
 
 For each prompt length it times, in one process and one after the other:
 - transformers: `model(ids, logits_to_keep=1)` for prefill, then its own decode loop (DynamicCache);
@@ -28,8 +29,8 @@ import time
 
 import torch
 
-from fastkv import METHODS, KVCache, adapter_for, decode_step, prefill
-from fastkv.methods import make_with_shared
+from fastkv import KVCache, adapter_for, decode_step, prefill
+from fastkv.methods import FullKV, make_methods
 from fastkv.models import load
 
 
@@ -91,11 +92,6 @@ def return_freed_memory_to_the_os() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, fixed
 
 
-def method_for(name: str):
-    """A method at the benchmark's settings: KV budgets at retain 0.1, FastKV at tsp_rate 0.2."""
-    return make_with_shared(name, retain_rate=0.1, tsp_rate=0.2)
-
-
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -154,7 +150,11 @@ def bench_decode_at(parts, prompt_len: int, kept: int, steps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-0.5b")
-    ap.add_argument("--methods", default="fullkv,snapkv,fastkv", help="comma-separated names, or 'all'")
+    ap.add_argument(
+        "--methods",
+        default="fullkv,snapkv,fastkv",
+        help="comma-separated method specs, or 'all' (presets); KV budgets default to retain 0.1, TSP to rate 0.2",
+    )
     ap.add_argument("--lengths", default="4096,8192", help="prompt lengths in tokens")
     ap.add_argument("--decode-lengths", default="4096,16384,32704", help="cache lengths for decode timing")
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed (median reported)")
@@ -167,22 +167,25 @@ def main() -> None:
     if args.memory:
         PeakMemory.enabled = True
         return_freed_memory_to_the_os()
-    names = list(METHODS) if args.methods == "all" else [m.strip().lower() for m in args.methods.split(",")]
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        ap.error(f"unknown method(s) {unknown}: choose from {sorted(METHODS)} or 'all'")
-    names = ["fullkv"] + [n for n in names if n != "fullkv"]  # FullKV first: the other ratios need it
-    methods = {name: method_for(name) for name in names}
-
+    try:
+        chosen = make_methods(args.methods, retain_rate=0.1, tsp_rate=0.2)
+    except ValueError as e:
+        ap.error(str(e))
     model, _ = load(args.model, progress=False)
     parts = adapter_for(model)
+    # FullKV first: the other ratios need it. Labels are the short names (variants numbered: fastkv#2);
+    # the full specs are printed above the table.
+    methods: dict = {}
+    for method in [FullKV(), *(m for m in chosen if not m.same_parts(FullKV()))]:
+        label = method.name if method.name not in methods else f"{method.name}#{len(methods)}"
+        methods[label] = method.bind(parts.num_layers)
     vocab = model.config.vocab_size
     print(
         f"# {args.model} float32 on {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} decode steps (median)"
     )
     for name, method in methods.items():
-        print(f"#   {name}: {method.describe()}")
+        print(f"#   {name}: {method.spec}")
     # Warm up kernels and allocator so that the first timed run is not penalised.
     bench_engine(parts, prompt(vocab, 256), methods["fullkv"], 2)
     bench_transformers(model, prompt(vocab, 256), 2)

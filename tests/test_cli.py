@@ -1,4 +1,5 @@
-"""The CLI's method handling, without loading a model: knobs reach the method or are refused by name."""
+"""The CLI's method handling, without loading a model: specs and knob options reach the method, or are
+refused by name with exit code 2."""
 
 from __future__ import annotations
 
@@ -6,33 +7,65 @@ import pytest
 from typer.testing import CliRunner
 
 from fastkv.cli import app
-from fastkv.methods import METHODS
+from fastkv.knobs import knob_types
+from fastkv.methods import PRESETS
 
 runner = CliRunner()
 
 
-def test_methods_lists_every_method_with_what_it_reduces():
+def test_methods_lists_presets_parts_and_knobs():
     result = runner.invoke(app, ["methods"], env={"COLUMNS": "250"})
     assert result.exit_code == 0
-    for name, cls in METHODS.items():
-        assert name in result.output and cls.reduces in result.output
-    assert "tsp_layer=layers//2-1" in result.output
+    for name, cls in PRESETS.items():
+        assert name in result.output and cls.prototype.reduces in result.output
+    assert "tsp_layer=layers//2-1" in result.output and "min_budget=256" in result.output
+    for part in ("tsp", "filter", "schedule", "sinkrecent", "topk", "accumulated", "adaptive", "pyramid"):
+        assert part in result.output
+
+
+def test_every_knob_is_an_option_of_generate():
+    result = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    for name in knob_types():
+        assert f"--{name.replace('_', '-')}" in result.output
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--method", "streamingllm", "--tsp-rate", "0.2"], "has no knob(s) ['tsp_rate']"),
-        (["--method", "streamingllm", "--sink", "-3"], "StreamingLLM.sink"),
-        (["--method", "adakv", "--alpha", "2"], "AdaKV.alpha"),
-        (["--method", "pyramidinfer", "--decay", "0"], "PyramidInfer.decay"),
-        (["--method", "h2o", "--budget", "4"], "H2O.window_size (8) is larger than budget (4)"),
+        (["--method", "streamingllm", "--tsp-rate", "0.2"], "has no knob 'tsp_rate'"),
+        (["--method", "streamingllm(tsp_rate=0.2)"], "has no knob(s) ['tsp_rate']"),
+        (["--method", "streamingllm", "--sink", "-3"], "SinkRecent.sink"),
+        (["--method", "adakv", "--alpha", "2"], "Adaptive.alpha"),
+        (["--method", "adakv(alpha=2)"], "Adaptive.alpha"),
+        (["--method", "pyramidinfer", "--decay", "0"], "LayerSchedule.decay"),
+        (["--method", "h2o", "--budget", "4"], "budget=4 is smaller than the 8 entries it always keeps"),
+        (["--method", "snapkv(budget=64)", "--budget", "32"], "knob budget is given twice"),
         (["--method", "nosuch"], "unknown method 'nosuch'"),
-        # a valid knob passes the method check and fails later, on the model
-        (["--method", "gemfilter", "--filter-layer", "3", "--model", "no-such-model"], "unknown model"),
+        (["--method", "fastkv(kernel_size=13"], "bad method spec"),
+        (["--method", "fastkv(13)"], "give knobs by name"),
+        (["--method", "fastkv+adakv+h2o"], "two parts at most"),
+        (["--method", "fastkv(retain_rate=0.2)+adakv"], "has no knob(s) ['retain_rate']"),
+        (["--method", "gemfilter+snapkv"], "give the reducer window_size=8 or more"),
+        (["--method", "topk+tsp"], "'topk' is a policy"),
+        (["--method", "topk(scorer=nosuch)"], "unknown scorer 'nosuch'"),
+        # a valid spec passes the method check and fails later, on the model
+        (["--method", "gemfilter(filter_layer=3)", "--model", "no-such-model"], "unknown model"),
+        (["--method", "fastkv+adakv", "--tsp-rate", "0.3", "--model", "no-such-model"], "unknown model"),
     ],
 )
 def test_generate_checks_methods_and_knobs(args, message):
     result = runner.invoke(app, ["generate", *args, "-q", "hello"])
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3", "mps", "tpu"])
+def test_a_device_that_is_not_there_is_refused(device):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 3:
+        pytest.skip("this machine has that device")
+    result = runner.invoke(app, ["generate", "--method", "fullkv", "--device", device, "-q", "hello"])
+    assert result.exit_code == 2
+    assert device.split(":")[0] in result.output

@@ -7,6 +7,8 @@ those are missing, unless FASTKV_REQUIRE_MODELS=1 (CI), where they fail.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 
@@ -15,6 +17,7 @@ from typer.testing import CliRunner
 
 from fastkv.eval import niah, ruler
 from fastkv.eval.data import DataNotInstalledError, essay_words, sentences
+from fastkv.methods import make_method, make_with_shared
 from fastkv.models import REGISTRY, load_tokenizer, part_paths
 
 from .conftest import build_tiny
@@ -114,7 +117,7 @@ def test_end_to_end_ruler_eval_resumes(tiny_dir, tmp_path):
         "--model",
         str(tiny_dir),
         "--methods",
-        "fullkv,snapkv,fastkv",
+        "fullkv,snapkv,fastkv(kernel_size=13)",
         "--length",
         "1024",
         "--samples",
@@ -128,14 +131,18 @@ def test_end_to_end_ruler_eval_resumes(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 3  # tasks x samples x methods
-    assert {r["method"] for r in rows} == {"fullkv", "snapkv", "fastkv"}
+    # results are labelled by canonical spec, every knob resolved for the 4-layer model
+    specs = [make_with_shared(m, retain_rate=0.1).bind(4).spec for m in ("fullkv", "snapkv", "fastkv(kernel_size=13)")]
+    assert specs[2].startswith("fastkv(window_size=8, kernel_size=13, pooling='max', tsp_layer=1, tsp_rate=0.2")
+    assert {r["method"] for r in rows} == set(specs)
     for r in rows:
         assert 0 <= r["score"] <= 1 and r["prompt_tokens"] <= 1024
+        assert r["settings"] == {"length": 1024, "chat": True, "dtype": "float32", "seed": 42}
         if r["method"] != "fullkv":
             assert r["first_token_kl"] >= 0 and isinstance(r["agrees_with_fullkv"], bool)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {f"{tiny_dir} | 1024 | {m}" for m in ("fastkv", "fullkv", "snapkv")}
-    assert "agreement" in metrics[f"{tiny_dir} | 1024 | snapkv"]
+    assert set(metrics) == {f"{tiny_dir} | 1024 float32 | {m}" for m in specs}
+    assert "agreement" in metrics[f"{tiny_dir} | 1024 float32 | {specs[1]}"]
     summary = (out / "summary.md").read_text().splitlines()
     assert summary[0].startswith("| model | setting | method | niah_single_1 | qa_1 | average |")
     assert len(summary) == 2 + 3 and all(line.count("|") == summary[0].count("|") for line in summary)
@@ -147,6 +154,29 @@ def test_end_to_end_ruler_eval_resumes(tiny_dir, tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert len((out / "predictions.jsonl").read_text().splitlines()) == len(rows)
+    # Another KV budget is another method: computed anew and labelled apart; FullKV's results are reused.
+    other = CliRunner().invoke(app, [*args, "--retain-rate", "0.2"])
+    assert other.exit_code == 0, other.output
+    more = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()][len(rows) :]
+    assert len(more) == 2 * 2 * 2
+    assert all("retain_rate=0.2" in r["method"] for r in more)
+    assert len(json.loads((out / "metrics.json").read_text())) == 5
+
+
+def test_eval_refuses_bad_numbers_and_a_missing_extra(tiny_dir, monkeypatch):
+    from fastkv.cli import app
+
+    bad = CliRunner().invoke(app, ["eval", "ruler", "--model", str(tiny_dir), "--length", "4k"])
+    assert bad.exit_code == 2 and "--length takes comma-separated ints, got '4k'" in bad.output
+    bad = CliRunner().invoke(app, ["eval", "niah", "--model", str(tiny_dir), "--depths", "half"])
+    assert bad.exit_code == 2 and "--depths takes comma-separated floats" in bad.output
+    bad = CliRunner().invoke(app, ["eval", "ruler", "--model", str(tiny_dir), "--methods", "fastkv(kernel_size=4)"])
+    assert bad.exit_code == 2 and "kernel_size must be odd" in bad.output
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rapidfuzz" else real(name, *a))
+    bad = CliRunner().invoke(app, ["eval", "ruler", "--model", str(tiny_dir)])
+    assert bad.exit_code == 2 and "pip install 'fastkv[eval]' (missing: rapidfuzz)" in " ".join(bad.output.split())
 
 
 def test_eval_rejects_unknown_methods_and_tasks(tiny_dir):
@@ -179,5 +209,10 @@ def test_end_to_end_niah_writes_heatmaps(tiny_dir, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2 * 2 * 2
-    for name in ("niah_fullkv.png", "niah_fastkv.png", "niah_methods.png"):
+    fastkv = make_method("fastkv", retain_rate=0.1).bind(4).spec
+    for name in (
+        "niah_fullkv.png",
+        f"niah_fastkv-{hashlib.sha1(fastkv.encode()).hexdigest()[:8]}.png",
+        "niah_methods.png",
+    ):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -90,7 +92,7 @@ def test_stats_report_the_compression(model):
         model,
         CharTokenizer(),
         prompt_ids(200)[0].tolist(),
-        FastKV(tsp_layer=1, tsp_rate=0.5, budget=40),
+        FastKV(tsp_layer=1, tsp_len=100, budget=40),
         max_new_tokens=4,
     )
     s = result.stats
@@ -98,7 +100,31 @@ def test_stats_report_the_compression(model):
     assert s.tokens_per_layer == [200, 200, 100, 100]
     assert s.kv_entries_per_layer == [40] * 4
     assert s.kv_bytes * 5 == s.kv_bytes_full
-    assert s.prefill_seconds > 0 and s.decode_tokens_per_s > 0
+    assert s.prefill_seconds > 0 and s.decode_tokens_per_s > 0 and s.decode_steps == 3
+    assert s.method == result.method and s.method.startswith("fastkv(") and "tsp_layer=1" in s.method
+
+
+def test_eos_as_the_first_token(model):
+    first = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=4).token_ids[0]
+    pieces = []
+    result = generate(model, CharTokenizer(eos=first), PROMPT, FullKV(), max_new_tokens=4, on_text=pieces.append)
+    assert result.finish_reason == "eos" and result.text == "" and result.token_ids == [] and pieces == []
+    s = result.stats
+    assert s.new_tokens == 0 and s.decode_steps == 0 and math.isnan(s.decode_tokens_per_s)
+
+
+def test_decode_rate_counts_the_step_that_produced_eos(model):
+    tokens = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=8).token_ids
+    result = generate(model, CharTokenizer(eos=tokens[3]), PROMPT, FullKV(), max_new_tokens=8)
+    # tokens 1..3 and the EOS came from decode steps; token 0 from prefill
+    assert result.stats.new_tokens == 3 and result.stats.decode_steps == 3
+    assert result.stats.decode_tokens_per_s == 3 / result.stats.decode_seconds
+
+
+def test_spec_strings_generate_like_their_methods(model):
+    by_spec = generate(model, CharTokenizer(), PROMPT, "snapkv(budget=24)", max_new_tokens=6)
+    by_object = generate(model, CharTokenizer(), PROMPT, SnapKV(budget=24), max_new_tokens=6)
+    assert by_spec.token_ids == by_object.token_ids and by_spec.method == by_object.method
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,10 @@
-"""One matrix, every method: cache sizes, reference selections, no-compression equality, decode
-positions and invalid configs, on tiny random Llama, Qwen2 and Qwen3 models."""
+"""One matrix, every reducer x every cache policy, through the shared invariants of `tests/matrix.py`;
+then every preset's exact cache sizes, reference selections and invalid configs, on tiny random Llama,
+Qwen2 and Qwen3 models."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,7 +15,6 @@ from fastkv import (
     H2O,
     AdaKV,
     FastKV,
-    FullKV,
     GemFilter,
     PyramidInfer,
     PyramidKV,
@@ -23,9 +24,11 @@ from fastkv import (
     decode_step,
     prefill,
 )
-from fastkv.methods import METHODS
+from fastkv.methods import PRESETS
+from fastkv.methods.allocators.pyramid import Pyramid
 
 from .conftest import build_tiny, prompt_ids
+from .matrix import COMPRESSING, UNCOMPRESSED, check_invariants, check_uncompressed_equals_fullkv, combinations, compose
 from .reference import (
     assert_top_entries,
     avg_pool,
@@ -52,7 +55,7 @@ class Case:
 CASES = {
     "snapkv": Case(lambda: SnapKV(budget=24), lambda: SnapKV(retain_rate=1.0), [24] * 4, [L] * 4),
     "fastkv": Case(
-        lambda: FastKV(tsp_layer=1, tsp_rate=0.5, budget=24),
+        lambda: FastKV(tsp_layer=1, tsp_len=48, budget=24),
         lambda: FastKV(tsp_rate=1.0, retain_rate=1.0),
         [24] * 4,
         [L, L, 48, 48],
@@ -79,8 +82,33 @@ CASES = {
 }
 
 
-def test_every_registered_method_is_in_the_matrix():
-    assert set(CASES) | {"fullkv"} == set(METHODS)
+COMBINATIONS = combinations()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("reducer, policy", [c[1:] for c in COMBINATIONS], ids=[c[0] for c in COMBINATIONS])
+def test_every_combination_keeps_the_invariants(reducer, policy, family):
+    check_invariants(compose(reducer, policy, COMPRESSING), family)
+
+
+@pytest.mark.parametrize("reducer, policy", [c[1:] for c in COMBINATIONS], ids=[c[0] for c in COMBINATIONS])
+def test_every_combination_without_compression_is_fullkv(reducer, policy):
+    check_uncompressed_equals_fullkv(compose(reducer, policy, UNCOMPRESSED), "qwen2")
+
+
+def test_the_matrix_covers_every_part_and_preset():
+    ids = {c[0] for c in COMBINATIONS}
+    assert len(ids) == 4 * (2 + 3 * 3)  # reducers x (all, sinkrecent, topk x scorers x allocators)
+    assert "tsp+topk-window-adaptive" in ids and "filter+topk-accumulated-uniform" in ids
+    # every preset is one of the combinations
+    shapes = {(type(compose(r, p, COMPRESSING).reducer), compose(r, p, COMPRESSING).policy) for _, r, p in COMBINATIONS}
+    for cls in PRESETS.values():
+        proto = cls.prototype
+        assert any(t is type(proto.reducer) and type(p) is type(proto.policy) for t, p in shapes)
+
+
+def test_every_preset_has_its_exact_sizes_below():
+    assert set(CASES) | {"fullkv"} == set(PRESETS)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -113,29 +141,13 @@ def test_cache_sizes_and_decode_positions(name, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", list(CASES))
-def test_no_compression_equals_fullkv(name, family):
-    parts = adapter_for(build_tiny(family))
-    ids = prompt_ids(L, seed=12)
-    ref_cache, ref, _ = prefill(parts, ids, FullKV(), max_new_tokens=4)
-    cache, logits, trace = prefill(parts, ids, CASES[name].uncompressed(), max_new_tokens=4)
-    assert trace.tokens_per_layer == [L] * LAYERS and cache.lengths == [L] * LAYERS
-    for step in range(4):
-        assert torch.equal(logits, ref)
-        token = ref.argmax(-1)
-        ref = decode_step(parts, ref_cache, token, L + step)
-        logits = decode_step(parts, cache, token, L + step)
-    assert torch.equal(logits, ref)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
 def test_window_scored_selections_match_reference(family):
     model = build_tiny(family, attn="eager")
     parts = adapter_for(model)
     ids = prompt_ids(L, seed=13)
     probs = eager_attentions(model, ids)
     hkv = model.config.num_key_value_heads
-    budgets = PyramidKV(budget=24, beta=4).budgets(L, LAYERS)
+    budgets = Pyramid(beta=4).budgets(24, W, LAYERS)
     assert budgets == [36, 28, 20, 12] and sum(budgets) / LAYERS == 24
     pyramid, _, _ = prefill(parts, ids, PyramidKV(budget=24, beta=4))
     h2o, _, _ = prefill(parts, ids, H2O(budget=24))
@@ -189,8 +201,10 @@ def test_gemfilter_reruns_on_reference_top_tokens(family):
     parts = adapter_for(model)
     ids = prompt_ids(L, seed=15)
     cache, logits, trace = prefill(parts, ids, GemFilter(budget=24, filter_layer=1, kernel_size=5))
-    assert trace.filter_pass == [L, L]  # layers 0 and 1 ran on the full prompt before the restart
-    selected = trace.propagated[1][0]
+    (first,) = trace.earlier
+    assert first.tokens_per_layer == [L, L]  # layers 0 and 1 ran on the full prompt before the restart
+    assert trace.tokens_per_layer == [24] * 4 and not trace.propagated  # the rerun drops nothing
+    selected = first.propagated[1][0]
     ref = avg_pool(last_query_dots(model, ids, 1), 5)
     assert_top_entries(selected, ref[: L - 1], 1, 24)
     # The second pass is the plain model on the selected tokens, renumbered 0..23.
@@ -221,11 +235,12 @@ def test_pyramidinfer_drops_reference_tokens_and_keeps_positions(family):
 @pytest.mark.parametrize(
     "make, field",
     [
-        (lambda: StreamingLLM(sink=-1), "sink"),
-        (lambda: StreamingLLM(sink=4, budget=4), "sink"),
+        (lambda: StreamingLLM(sink=-1), "SinkRecent.sink"),
+        (lambda: StreamingLLM(sink=4, budget=4), "sink=4"),
         (lambda: StreamingLLM(retain_rate=0.0), "retain_rate"),
+        (lambda: StreamingLLM(min_budget=0), "min_budget"),
         (lambda: H2O(window_size=0), "window_size"),
-        (lambda: H2O(budget=4), "window_size"),
+        (lambda: H2O(budget=4), "window_size=8"),
         (lambda: H2O(chunk_mib=0), "chunk_mib"),
         (lambda: H2O(budget=64, retain_rate=0.5), "retain_rate or budget"),
         (lambda: PyramidKV(beta=0), "beta"),
@@ -240,11 +255,12 @@ def test_pyramidinfer_drops_reference_tokens_and_keeps_positions(family):
         (lambda: PyramidInfer(decay=1.2), "decay"),
         (lambda: PyramidInfer(interval=0), "interval"),
         (lambda: PyramidInfer(min_len=4), "window_size"),
+        (lambda: FastKV(min_tsp_len=0), "min_tsp_len"),
         (lambda: PyramidInfer(start_layer=-1), "start_layer"),
     ],
 )
 def test_invalid_configs_raise_naming_the_field(make, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=re.escape(field)):
         make()
 
 

@@ -41,7 +41,7 @@ def test_snapkv_cache_holds_the_selected_keys(family):
     parts = adapter_for(model)
     ids = prompt_ids(L)
     full, _, _ = prefill(parts, ids, FullKV())
-    snap, _, _ = prefill(parts, ids, SnapKV(retain_rate=0.3))
+    snap, _, _ = prefill(parts, ids, SnapKV(retain_rate=0.3, min_budget=1))
     for i in range(parts.num_layers):
         idx = snap.positions[i][..., None].expand(-1, -1, -1, parts.head_dim)
         n = snap.lengths[i]
@@ -54,7 +54,7 @@ def test_fastkv_propagates_reference_top_tokens(family):
     eager = build_tiny(family, attn="eager")
     ids = prompt_ids(L, seed=3)
     probs = eager_attentions(eager, ids)
-    method = FastKV(tsp_layer=1, tsp_rate=0.5, budget=24, window_size=W, kernel_size=7)
+    method = FastKV(tsp_layer=1, tsp_rate=0.5, min_tsp_len=1, budget=24, window_size=W, kernel_size=7)
     parts = adapter_for(eager)
     cache, logits, trace = prefill(parts, ids, method)
 
@@ -79,7 +79,7 @@ def test_fastkv_propagates_reference_top_tokens(family):
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", [SnapKV(budget=24), FastKV(tsp_layer=1, tsp_rate=0.5, budget=24)])
+@pytest.mark.parametrize("method", [SnapKV(budget=24), FastKV(tsp_layer=1, tsp_len=40, budget=24)])
 def test_decode_continues_from_original_length(family, method):
     model = build_tiny(family)
     parts = adapter_for(model)
@@ -127,13 +127,46 @@ def test_tsp_length_at_least_prompt_drops_nothing():
     assert trace.tokens_per_layer == [L] * 4 and not trace.propagated
 
 
-def test_fastkv_defaults_are_the_papers():
-    parts = adapter_for(build_tiny("llama", num_hidden_layers=8))
-    ids = prompt_ids(200)
+def test_fastkv_defaults_are_the_papers_on_long_prompts():
+    parts = adapter_for(build_tiny("llama", num_hidden_layers=8, max_position_embeddings=4096))
+    ids = prompt_ids(3000)
     cache, _, trace = prefill(parts, ids, FastKV())
-    # tsp_layer = 8 // 2 - 1 = 3, tsp_rate 0.2 -> 40 tokens, retain_rate 0.1 -> 20 entries
-    assert trace.tokens_per_layer == [200] * 4 + [40] * 4
-    assert cache.lengths == [20] * 8
+    # tsp_layer = 8 // 2 - 1 = 3, tsp_rate 0.2 -> 600 tokens, retain_rate 0.1 -> 300 entries
+    assert trace.tokens_per_layer == [3000] * 4 + [600] * 4
+    assert cache.lengths == [300] * 8
+    assert FastKV().bind(8).spec == (
+        "fastkv(window_size=8, kernel_size=7, pooling='max', tsp_layer=3, tsp_rate=0.2, min_tsp_len=512, "
+        "retain_rate=0.1, min_budget=256)"
+    )
+
+
+@pytest.mark.parametrize("length", [40, 150, 256])
+def test_default_fastkv_leaves_short_prompts_whole(family, length):
+    """At most min_budget (256) tokens: bit for bit FullKV, prefill and decoding."""
+    parts = adapter_for(build_tiny(family))
+    ids = prompt_ids(length, seed=6)
+    ref_cache, ref, _ = prefill(parts, ids, FullKV(), max_new_tokens=4)
+    cache, logits, trace = prefill(parts, ids, FastKV(), max_new_tokens=4)
+    assert trace.tokens_per_layer == [length] * 4 and cache.lengths == [length] * 4
+    for step in range(4):
+        assert torch.equal(logits, ref)
+        token = ref.argmax(-1)
+        ref = decode_step(parts, ref_cache, token, length + step)
+        logits = decode_step(parts, cache, token, length + step)
+    assert torch.equal(logits, ref)
+
+
+def test_floors_of_rate_derived_sizes():
+    parts = adapter_for(build_tiny("qwen2"))
+    ids = prompt_ids(400)
+    # 10% of 400 is 40, raised to min_budget; 20% is 80, raised to min_tsp_len (400: no TSP)
+    cache, _, trace = prefill(parts, ids, FastKV(tsp_layer=1))
+    assert cache.lengths == [256] * 4 and trace.tokens_per_layer == [400] * 4
+    cache, _, trace = prefill(parts, ids, FastKV(tsp_layer=1, min_budget=100, min_tsp_len=300))
+    assert cache.lengths == [100] * 4 and trace.tokens_per_layer == [400, 400, 300, 300]
+    # explicit counts are taken as given
+    cache, _, trace = prefill(parts, ids, FastKV(tsp_layer=1, budget=40, tsp_len=80))
+    assert cache.lengths == [40] * 4 and trace.tokens_per_layer == [400, 400, 80, 80]
 
 
 @pytest.mark.parametrize(
@@ -143,7 +176,7 @@ def test_fastkv_defaults_are_the_papers():
         (lambda: FastKV(tsp_rate=1.5), "tsp_rate"),
         (lambda: FastKV(retain_rate=-0.1), "retain_rate"),
         (lambda: SnapKV(retain_rate=2), "retain_rate"),
-        (lambda: SnapKV(budget=4, window_size=8), "window_size"),
+        (lambda: SnapKV(budget=4, window_size=8), "window_size=8"),
         (lambda: FastKV(tsp_len=4, window_size=8), "tsp_len"),
         (lambda: SnapKV(budget=-3), "budget"),
         (lambda: SnapKV(window_size=-1), "window_size"),

@@ -7,7 +7,9 @@ from .generate import LLM, GenerationResult, GenerationStats, generate, stream
 from .methods import (
     H2O,
     METHODS,
+    PRESETS,
     AdaKV,
+    Composed,
     FastKV,
     FullKV,
     GemFilter,
@@ -17,6 +19,7 @@ from .methods import (
     SnapKV,
     StreamingLLM,
     make_method,
+    make_methods,
 )
 from .models import REGISTRY, ModelNotInstalledError, load
 from .needle import passkey_prompt
@@ -31,7 +34,9 @@ __all__ = [
     "PyramidKV",
     "StreamingLLM",
     "METHODS",
+    "PRESETS",
     "Adapter",
+    "Composed",
     "FastKV",
     "FullKV",
     "GenerationResult",
@@ -48,6 +53,7 @@ __all__ = [
     "generate",
     "load",
     "make_method",
+    "make_methods",
     "passkey_prompt",
     "prefill",
     "stream",

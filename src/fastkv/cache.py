@@ -4,7 +4,7 @@ Layer i owns K and V buffers [B, Hkv, capacity_i, d] with capacity_i = kept_i + 
 Prefill writes the kept entries once; each decode step writes one entry at `lengths[i]` in place, so
 decoding never reallocates or concatenates.
 
-When the heads of a layer keep different numbers of entries (AdaKV), the layer is padded to its
+When the heads of a layer keep different numbers of entries (an adaptive allocator), the layer is padded to its
 longest head and `valid` [B, Hkv, capacity_i] masks the padding; the padding is counted in `nbytes`.
 """
 
@@ -19,7 +19,8 @@ import torch
 class KVCache:
     prompt_len: int
     max_new_tokens: int
-    # Position of the first decoded token: the prompt length, except after GemFilter's renumbering.
+    # Position of the first decoded token: after the last position prefill wrote (default prompt_len;
+    # a reducer that reruns the model on a renumbered, shorter prompt makes it smaller).
     position_base: int = -1
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
@@ -81,7 +82,7 @@ class KVCache:
         """Real entries from prefill of each head of `layer`, [B, Hkv]."""
         kept = self.kept_per_layer[layer]
         if self.valid[layer] is None:
-            return torch.full(self.positions[layer].shape[:2], kept)
+            return torch.full(self.positions[layer].shape[:2], kept, device=self.positions[layer].device)
         return self.valid[layer][:, :, :kept].sum(dim=-1)
 
     def entry_bytes(self) -> int:

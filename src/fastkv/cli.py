@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -12,7 +13,11 @@ from rich.table import Table
 
 from .console import err, fail, load_llm, out
 from .eval.cli import app as eval_app
-from .methods import METHODS, FastKV, FullKV, Method, SnapKV, make_method
+from .knobs import knob_types, with_knob_options
+from .methods import PRESETS, FastKV, FullKV, Method, SnapKV, make_method
+from .methods.base import REGISTRY as PARTS
+from .methods.base import is_sub
+from .methods.method import defaults, knob_fields
 from .models import DEFAULT_MODEL, REGISTRY, status
 
 app = typer.Typer(
@@ -21,7 +26,6 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(eval_app, name="eval")
-KNOBS = sorted({name for cls in METHODS.values() for name in cls.__dataclass_fields__})
 
 
 def prefill_progress(num_layers: int, label: str) -> tuple[Progress, callable]:
@@ -38,29 +42,19 @@ def prefill_progress(num_layers: int, label: str) -> tuple[Progress, callable]:
     return progress, lambda _layer: progress.advance(task)
 
 
-@app.command()
+METHOD_HELP = (
+    "method spec: a preset (" + ", ".join(PRESETS) + "), with knobs as in 'fastkv(kernel_size=13)', or "
+    "REDUCER+POLICY as in 'fastkv+adakv'; see `fastkv methods`"
+)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@with_knob_options
 def generate(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="registered name, local dir, .gguf or HF id"),
-    method: str = typer.Option("fastkv", "--method", help=f"one of: {', '.join(METHODS)}"),
+    method: str = typer.Option("fastkv", "--method", help=METHOD_HELP),
     prompt_file: Path | None = typer.Option(None, "--prompt-file", "-f", help="context file (default: stdin)"),
     question: str | None = typer.Option(None, "--question", "-q", help="appended after the context"),
-    tsp_layer: int | None = typer.Option(None, help="fastkv: last layer on the full prompt"),
-    tsp_rate: float | None = typer.Option(None, help="fastkv: share of tokens propagated (default 0.2)"),
-    tsp_len: int | None = typer.Option(None, help="fastkv: tokens propagated (instead of --tsp-rate)"),
-    retain_rate: float | None = typer.Option(None, help="KV budget as a share of the prompt (default 0.1)"),
-    budget: int | None = typer.Option(None, help="KV entries kept per layer (instead of --retain-rate)"),
-    window_size: int | None = typer.Option(None, help="observation window / recent tokens kept"),
-    kernel_size: int | None = typer.Option(None, help="odd pooling width"),
-    pooling: str | None = typer.Option(None, help="max or avg"),
-    sink: int | None = typer.Option(None, help="streamingllm: attention-sink tokens (default 4)"),
-    chunk_mib: int | None = typer.Option(None, help="h2o: MiB per chunk of scores (default 64)"),
-    beta: int | None = typer.Option(None, help="pyramidkv: budget slope (default 20)"),
-    alpha: float | None = typer.Option(None, help="adakv: guaranteed share per head (default 0.2)"),
-    filter_layer: int | None = typer.Option(None, help="gemfilter: the filter layer"),
-    start_layer: int | None = typer.Option(None, help="pyramidinfer: first dropping layer (default 2)"),
-    interval: int | None = typer.Option(None, help="pyramidinfer: layers between drops (default 2)"),
-    decay: float | None = typer.Option(None, help="pyramidinfer: share kept per drop (default 0.8)"),
-    min_len: int | None = typer.Option(None, help="pyramidinfer: fewest tokens kept (default 64)"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0),
@@ -69,10 +63,9 @@ def generate(
     chat: bool = typer.Option(True, help="apply the model's chat template"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    **knobs,
 ) -> None:
     """Generate a completion for a long context (from a file or stdin), streaming it to stdout."""
-    # Every method knob is an option of this command; the method refuses the ones it does not have.
-    knobs = {name: value for name, value in locals().items() if name in KNOBS}
     try:
         chosen = make_method(method, **knobs)
     except ValueError as e:
@@ -90,37 +83,43 @@ def generate(
         fail("no prompt: give --prompt-file, pipe text on stdin, or --question")
     llm = load_llm(model, dtype, device)
     progress, on_layer = prefill_progress(llm.parts.num_layers, f"prefill ({chosen.name})")
-    pieces = llm.stream(
-        text,
-        chosen,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        stop=stop,
-        chat=chat,
-        on_layer=on_layer,
-    )
+
+    def write(piece: str) -> None:
+        if progress.live.is_started:
+            progress.stop()  # the answer begins: the transient progress bar goes
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    progress.start()
     try:
-        with progress:
-            first = next(pieces, None)
-        if first is not None:
-            sys.stdout.write(first)
-        while True:
-            sys.stdout.write(next(pieces))
-            sys.stdout.flush()
-    except StopIteration as done:
-        result = done.value
+        result = llm.generate(
+            text,
+            chosen,
+            on_text=write,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            chat=chat,
+            on_layer=on_layer,
+        )
     except ValueError as e:
+        write("")
         fail(str(e))
-    sys.stdout.write("\n")
+    write("\n")
     s = result.stats
     err.print(
-        f"[dim]{result.method}: {s.prompt_tokens} prompt tokens, prefill {s.prefill_seconds:.2f} s, "
-        f"decode {s.decode_tokens_per_s:.2f} tok/s, KV {s.kv_bytes / 2**20:.1f} MiB "
-        f"({100 * s.kv_ratio:.1f}% of full), finish: {result.finish_reason}[/]",
+        f"[dim]{s.method}\n{s.prompt_tokens} prompt tokens, prefill {s.prefill_seconds:.2f} s, "
+        f"decode {rate(s.decode_tokens_per_s)} tok/s, KV {s.kv_bytes / 2**20:.1f} MiB "
+        f"({100 * s.kv_ratio:.1f}% of full), {s.new_tokens} tokens, finish: {result.finish_reason}[/]",
         highlight=False,
     )
+
+
+def rate(value: float, digits: int = 2) -> str:
+    """A rate or ratio for display; '-' where it is undefined (no decode step ran)."""
+    return f"{value:.{digits}f}" if math.isfinite(value) else "-"
 
 
 @app.command()
@@ -137,20 +136,50 @@ def models() -> None:
 
 @app.command()
 def methods() -> None:
-    """List the KV methods, what each reduces, and their defaults."""
-    table = Table(title="fastkv methods (--method NAME)")
-    for col in ("name", "reduces", "defaults", "paper"):
+    """List the presets, the parts they are made of, and every knob with its default."""
+    table = Table(title="presets (--method NAME, NAME(knob=value, ...) or REDUCER+POLICY)")
+    for col in ("name", "reduces", "reducer", "cache policy", "knobs (defaults)", "paper"):
         table.add_column(col, overflow="fold")
-    for cls in METHODS.values():
-        instance = cls()
-        shown = []
-        for f in fields(instance):
-            value = getattr(instance, f.name)
-            if value is not None or f.name in cls.auto:
-                shown.append(f"{f.name}={value if value is not None else cls.auto[f.name]}")
-        defaults = ", ".join(shown) or "-"
-        table.add_row(cls.name, cls.reduces, defaults, cls.paper or "-")
+    for name, cls in PRESETS.items():
+        proto = cls.prototype
+        autos = {**proto.reducer.auto, **proto.policy.auto}
+        shown = [f"{k}={autos[k] if v is None and k in autos else v}" for k, v in defaults(cls).items()]
+        table.add_row(
+            name,
+            proto.reduces,
+            part_label(proto.reducer),
+            part_label(proto.policy),
+            ", ".join(shown) or "-",
+            cls.paper or "-",
+        )
     out.print(table)
+    parts = Table(title="parts: any reducer combines with any cache policy (REDUCER+POLICY)")
+    for col in ("kind", "name", "knobs (defaults)", "what it does"):
+        parts.add_column(col, overflow="fold")
+    for kind, registered in PARTS.items():
+        for name, part_cls in registered.items():
+            knobs = [
+                f"{k}={part_cls.auto.get(k, v) if v is None else v}" for k, (_, v, _) in knob_fields(part_cls).items()
+            ]
+            subs = [f"{f.name}=" + "|".join(PARTS[f.metadata["kind"]]) for f in fields(part_cls) if is_sub(f)]
+            parts.add_row(kind, name, ", ".join(subs + knobs) or "-", (part_cls.__doc__ or "").strip().splitlines()[0])
+    out.print(parts)
+    knobs = Table(title="knobs (also --knob-name options of `fastkv generate`)")
+    for col in ("knob", "meaning"):
+        knobs.add_column(col, overflow="fold")
+    for name, (_, help) in knob_types().items():
+        knobs.add_row(name, help)
+    out.print(knobs)
+    out.print(
+        "A knob written in NAME(...) on the left of + configures the reducer; on the right, the cache policy.\n"
+        "None: not set. With neither retain_rate nor budget, retain_rate is 0.1; with neither tsp_rate nor "
+        "tsp_len, tsp_rate is 0.2."
+    )
+
+
+def part_label(part) -> str:
+    subs = [getattr(part, f.name).name for f in fields(part) if is_sub(f)]
+    return part.name + (f" ({', '.join(subs)})" if subs else "")
 
 
 def run_demo_method(llm, method: Method, prompt: str, max_new_tokens: int):
@@ -196,10 +225,10 @@ def demo(
             r.text.strip()[:24],
             "yes" if needle.is_correct(r.text) else "NO",
             f"{s.prefill_seconds:.2f}",
-            f"{s.decode_tokens_per_s:.2f}",
+            rate(s.decode_tokens_per_s),
             f"{s.kv_bytes / 2**20:.1f}",
-            f"{base.prefill_seconds / s.prefill_seconds:.2f}",
-            f"{s.decode_tokens_per_s / base.decode_tokens_per_s:.2f}",
+            rate(base.prefill_seconds / s.prefill_seconds),
+            rate(s.decode_tokens_per_s / base.decode_tokens_per_s),
         )
     out.print(table)
     out.print("speedups are against FullKV in this run; FastKV: tsp_rate 0.2, retain 0.1; SnapKV: retain 0.1")

@@ -1,34 +1,45 @@
 """The hot path: `prefill` and `decode_step`, plain functions over a model adapter and a KV cache.
 
-Prefill runs the model layer by layer with the model's own modules. After each layer's attention the
-method decides which KV entries the layer caches (`Method.keep`) and which tokens continue to the next
-layer (`Method.propagate`, FastKV's Token-Selective Propagation). Tokens that continue keep their
-original positions, so RoPE stays exact for them. Decoding then continues at position L, L + 1, ...
-(the original prompt length, not the compressed cache length).
+Prefill runs the model layer by layer with the model's own modules. After each layer's attention
+projections, the engine asks the method's two parts two questions: which tokens continue to the next
+layer (`reducer.tokens`) and which KV entries this layer caches (`policy.entries`). Tokens that
+continue keep their original positions, so RoPE stays exact for them. Decoding then continues at the
+position after the last prompt token (L, L + 1, ...), not at the compressed cache's length.
+
+A reducer that needs more than one pass (a filter-and-rerun) drives them itself through `run_pass`,
+the single pass below; the engine holds nothing that only one method uses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from .adapters import Adapter
 from .cache import KVCache
-from .methods import Method
+from .methods import CachePolicy, LayerState, Method, Reducer, Selection
 
 
 @dataclass
 class PrefillTrace:
-    """What prefill did: tokens each layer computed on, and positions after each propagation."""
+    """What a prefill pass did: tokens each layer computed on, and positions after each reduction."""
 
     prompt_len: int
     tokens_per_layer: list[int] = field(default_factory=list)
     # layer index -> original positions [B, T] of the tokens that continue past that layer
     propagated: dict[int, torch.Tensor] = field(default_factory=dict)
-    # GemFilter: tokens per layer of the filtering pass that preceded the final one
-    filter_pass: list[int] = field(default_factory=list)
+    # traces of earlier passes over the same prompt (a multi-pass reducer's), in order
+    earlier: list[PrefillTrace] = field(default_factory=list)
+
+
+@dataclass
+class Pass:
+    cache: KVCache
+    logits: torch.Tensor | None  # None when the pass stopped at `stop_at`
+    trace: PrefillTrace
 
 
 def check_prompt(parts: Adapter, prompt_len: int, max_new_tokens: int) -> None:
@@ -50,9 +61,40 @@ def check_prompt(parts: Adapter, prompt_len: int, max_new_tokens: int) -> None:
         )
 
 
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, H, n, d] at token indices idx [B, H, k] -> [B, H, k, d]."""
-    return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+def checked(sel: Selection, what: str, present: int, batch: int, heads: int, ordered: bool) -> Selection:
+    """`sel` if it indexes the `present` tokens properly, else a ValueError that says how it does not."""
+    idx, valid = sel.indices, sel.valid
+    if idx.dim() != 3 or idx.shape[0] != batch or idx.shape[1] not in ((1,) if ordered else (1, heads)):
+        expected = f"[{batch}, 1, k]" + ("" if ordered else f" or [{batch}, {heads}, k]")
+        raise ValueError(f"{what}: indices of shape {list(idx.shape)}, expected {expected}")
+    if idx.dtype not in (torch.int64, torch.int32) or idx.shape[-1] == 0:
+        raise ValueError(f"{what}: indices must be a non-empty integer tensor, got {idx.dtype} {list(idx.shape)}")
+    if int(idx.min()) < 0 or int(idx.max()) >= present:
+        raise ValueError(f"{what}: indices must lie in 0..{present - 1}, got {int(idx.min())}..{int(idx.max())}")
+    steps = (idx if ordered else idx.sort(dim=-1).values).diff(dim=-1)
+    if bool((steps <= 0).any()):
+        raise ValueError(f"{what}: indices " + ("must be strictly increasing" if ordered else "repeat an entry"))
+    if valid is not None and (valid.dtype != torch.bool or valid.shape != (batch, idx.shape[1], idx.shape[2])):
+        raise ValueError(f"{what}: valid must be a bool mask of shape {list(idx.shape)}")
+    return sel
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """SDPA over GQA keys without ever taking a path that builds the n x n matrix.
+
+    On CUDA, float32 has no fused kernel that takes GQA (flash needs half precision, the memory-efficient
+    kernel does not take enable_gqa), so SDPA would silently run the math path: about 56 GiB at 32K.
+    There K/V are repeated per query head instead, which the memory-efficient kernel takes.
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1 and repeat_kv(q.device, q.dtype):
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def repeat_kv(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether GQA attention repeats K/V: only where no fused kernel takes enable_gqa (CUDA float32)."""
+    return device.type == "cuda" and dtype == torch.float32
 
 
 @torch.inference_mode()
@@ -68,36 +110,33 @@ def prefill(
     Returns the cache (room for max_new_tokens more entries per layer), the float32 logits of the last
     prompt token [B, V], and a trace. `on_layer(i)` is called after each layer (for progress bars).
     """
-    b, prompt_len = input_ids.shape
-    check_prompt(parts, prompt_len, max_new_tokens)
+    check_prompt(parts, input_ids.shape[1], max_new_tokens)
     method = method.bind(parts.num_layers)
-    positions = torch.arange(prompt_len, device=input_ids.device).expand(b, prompt_len)
-    cache, logits, trace, restart = _run_layers(parts, input_ids, positions, method, max_new_tokens, on_layer)
-    if restart is not None:
-        # GemFilter: the model runs again from scratch on the selected tokens, renumbered 0..T-1.
-        ids = input_ids.gather(1, restart)
-        renumbered = torch.arange(ids.shape[1], device=ids.device).expand(b, ids.shape[1])
-        first_pass = trace
-        cache, logits, trace, _ = _run_layers(parts, ids, renumbered, method, max_new_tokens, on_layer, prompt_len)
-        cache.prompt_len, cache.position_base = prompt_len, ids.shape[1]
-        trace.filter_pass = first_pass.tokens_per_layer
-        trace.propagated = first_pass.propagated
-    return cache, logits, trace
+    run = partial(run_pass, parts, max_new_tokens=max_new_tokens, on_layer=on_layer)
+    result = method.reducer.prefill(run, input_ids, method.policy)
+    return result.cache, result.logits, result.trace
 
 
-def _run_layers(
+def run_pass(
     parts: Adapter,
     input_ids: torch.Tensor,
-    pos: torch.Tensor,
-    method: Method,
-    max_new_tokens: int,
-    on_layer,
+    reducer: Reducer,
+    policy: CachePolicy,
     prompt_len: int | None = None,
-) -> tuple[KVCache, torch.Tensor | None, PrefillTrace, torch.Tensor | None]:
-    """One pass over the layers. Returns early with the selected token indices if the method restarts."""
+    stop_at: int | None = None,
+    max_new_tokens: int = 0,
+    on_layer=None,
+) -> Pass:
+    """One pass over the layers on input_ids [B, n] at positions 0..n-1.
+
+    prompt_len: the original prompt's length, to which budgets are relative (default n).
+    stop_at: end the pass at this layer if the reducer picks tokens there, before its attention; the
+    trace then holds them and `logits` is None.
+    """
     b, n = input_ids.shape
-    prompt_len = prompt_len or n  # budgets stay relative to the original prompt
-    cache = KVCache(prompt_len=n, max_new_tokens=max_new_tokens)
+    prompt_len = prompt_len or n
+    pos = torch.arange(n, device=input_ids.device).expand(b, n)
+    cache = KVCache(prompt_len=prompt_len, max_new_tokens=max_new_tokens, position_base=n)
     trace = PrefillTrace(prompt_len=prompt_len)
     hq, hkv, d = parts.num_heads, parts.num_kv_heads, parts.head_dim
     last_layer = parts.num_layers - 1
@@ -105,52 +144,61 @@ def _run_layers(
     h = parts.embed(input_ids)
     for i, layer in enumerate(parts.layers):
         attn = layer.self_attn
-        n = h.shape[1]
-        trace.tokens_per_layer.append(n)
+        trace.tokens_per_layer.append(h.shape[1])
         q, k, v = parts.qkv(attn, layer.input_layernorm(h))
         cos, sin = parts.rope(h, pos)
         q, k = parts.apply_rope(q, k, cos, sin)
+        state = LayerState(i, parts.num_layers, prompt_len, q, k, attn.scaling)
 
-        scores = method.score(q, k, attn.scaling) if method.wants_scores(i, n, prompt_len) else None
-        selected = None
-        if i < last_layer or method.restarts:  # after the last layer, nothing is left to propagate to
-            selected = method.propagate(i, scores, n, prompt_len)
-        if selected is not None and method.restarts:
+        tokens = None
+        if i < last_layer or i == stop_at:  # after the last layer, nothing is left to propagate to
+            tokens = reducer.tokens(state)
+        if tokens is not None:
+            tokens = checked(tokens, f"{reducer.name} at layer {i}", state.present, b, hkv, ordered=True)
+            selected = tokens.indices[:, 0]
             trace.propagated[i] = pos.gather(1, selected)
-            return cache, None, trace, selected
-        _store(cache, k, v, pos, method.keep(i, scores, n, prompt_len))
+            if i == stop_at:
+                return Pass(cache, None, trace)
+        entries = policy.entries(state)
+        if entries is not None:
+            entries = checked(entries, f"{policy.name} at layer {i}", state.present, b, hkv, ordered=False)
+        _store(cache, k, v, pos, entries)
 
         if i == last_layer:
             # Only the last token's output is needed from the last layer: one query that sees every key.
-            out = F.scaled_dot_product_attention(q[:, :, -1:], k, v, scale=attn.scaling, enable_gqa=hq != hkv)
+            out = attention(q[:, :, -1:], k, v, attn.scaling, causal=False)
             h = h[:, -1:]
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=hq != hkv)
+            out = attention(q, k, v, attn.scaling, causal=True)
         h = h + attn.o_proj(out.transpose(1, 2).reshape(b, -1, hq * d))
 
-        if selected is not None:
+        if tokens is not None:
             # MLPs work per token, so dropping tokens before this layer's MLP changes nothing for the kept.
             h = h.gather(1, selected.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-            pos = pos.gather(1, selected)
-            trace.propagated[i] = pos
+            pos = trace.propagated[i]
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         if on_layer is not None:
             on_layer(i)
 
     logits = parts.lm_head(parts.norm(h[:, -1:]))[:, -1].float()
-    return cache, logits, trace, None
+    return Pass(cache, logits, trace)
 
 
-def _store(cache: KVCache, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, keep) -> None:
-    """Cache a layer's entries: all of them, or those `keep` names (see Method.keep)."""
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, H, n, d] at token indices idx [B, H, k] -> [B, H, k, d]."""
+    return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+
+def _store(cache: KVCache, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, entries: Selection | None) -> None:
+    """Cache a layer's entries: all of them, or those `entries` names."""
     b, hkv, n, _ = k.shape
     head_pos = pos.unsqueeze(1).expand(b, hkv, n)
-    if keep is None:
+    if entries is None:
         cache.store(k, v, head_pos)
         return
-    indices, valid = keep if isinstance(keep, tuple) else (keep, None)
-    indices = indices.to(k.device).expand(b, hkv, -1)  # a 1-D selection applies to every head
-    cache.store(_take(k, indices), _take(v, indices), head_pos.gather(2, indices), valid)
+    idx = entries.indices.expand(b, hkv, -1)  # a selection for all heads applies to each
+    valid = entries.valid.expand(b, hkv, -1) if entries.valid is not None else None
+    cache.store(_take(k, idx), _take(v, idx), head_pos.gather(2, idx), valid)
 
 
 @torch.inference_mode()

@@ -10,15 +10,17 @@ import torch
 
 from .adapters import adapter_for
 from .engine import decode_step, prefill
-from .methods import FastKV, Method
+from .methods import FastKV, Method, make_method
 
 
 @dataclass
 class GenerationStats:
+    method: str  # the canonical spec, every knob resolved for this model
     prompt_tokens: int
-    new_tokens: int
+    new_tokens: int  # tokens returned (an EOS that ended generation is not one)
     prefill_seconds: float
     decode_seconds: float
+    decode_steps: int  # decode_step calls timed in decode_seconds (an EOS produced by one counts)
     kv_entries_per_layer: list[int]  # entries each layer kept at prefill, per KV head
     tokens_per_layer: list[int]  # tokens each layer computed on during prefill
     kv_bytes: int  # bytes of the cache after prefill
@@ -26,8 +28,10 @@ class GenerationStats:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        steps = max(self.new_tokens - 1, 0)  # the first new token comes from the prefill logits
-        return steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+        """Decode steps per second; NaN when no step ran (the first token comes from prefill's logits)."""
+        return (
+            self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else float("nan")
+        )
 
     @property
     def kv_ratio(self) -> float:
@@ -111,7 +115,7 @@ def stream(
     model,
     tokenizer,
     prompt: str | Sequence[int],
-    method: Method | None = None,
+    method: Method | str | None = None,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -120,10 +124,13 @@ def stream(
     chat: bool = False,
     on_layer: Callable[[int], None] | None = None,
 ) -> Iterator[str]:
-    """Yield the generated text piece by piece; the generator's return value is a GenerationResult."""
+    """Yield the generated text piece by piece; the generator's return value is a GenerationResult.
+
+    `method` is a Method or a spec string such as "fastkv(kernel_size=13)" (default: FastKV()).
+    """
     check_sampling(max_new_tokens, temperature, top_p)
-    method = method if method is not None else FastKV()
     parts = adapter_for(model)
+    method = make_method(method if method is not None else FastKV()).bind(parts.num_layers)
     ids = encode_prompt(tokenizer, prompt, chat)
     input_ids = torch.tensor([ids], device=parts.device)
     generator = None
@@ -141,12 +148,13 @@ def stream(
     first_logits = logits[0]
 
     out: list[int] = []
-    text, emitted, finish = "", 0, "length"
+    text, emitted, finish, steps = "", 0, "length", 0
     start = time.perf_counter()
     for step in range(max_new_tokens):
         if step:
             token_ids = torch.tensor([out[-1]], device=parts.device)
             logits = decode_step(parts, cache, token_ids, cache.position_base + step - 1)
+            steps += 1
         token = sample(logits[0], temperature, top_p, generator)
         if token in eos:
             finish = "eos"
@@ -169,13 +177,15 @@ def stream(
         text=text,
         token_ids=out,
         finish_reason=finish,
-        method=method.describe(),
+        method=method.spec,
         first_logits=first_logits,
         stats=GenerationStats(
+            method=method.spec,
             prompt_tokens=len(ids),
             new_tokens=len(out),
             prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds,
+            decode_steps=steps,
             kv_entries_per_layer=cache.kept_per_layer,
             tokens_per_layer=trace.tokens_per_layer,
             kv_bytes=kv_bytes,
@@ -188,7 +198,7 @@ def generate(
     model,
     tokenizer,
     prompt: str | Sequence[int],
-    method: Method | None = None,
+    method: Method | str | None = None,
     on_text: Callable[[str], None] | None = None,
     **options,
 ) -> GenerationResult:
@@ -227,10 +237,10 @@ class LLM:
         model, tokenizer = load(name, dtype=dtype, device=device, progress=progress)
         return cls(model, tokenizer, name)
 
-    def generate(self, prompt: str | Sequence[int], method: Method | None = None, **options) -> GenerationResult:
+    def generate(self, prompt: str | Sequence[int], method: Method | str | None = None, **options) -> GenerationResult:
         return generate(self.model, self.tokenizer, prompt, method, **options)
 
-    def stream(self, prompt: str | Sequence[int], method: Method | None = None, **options) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], method: Method | str | None = None, **options) -> Iterator[str]:
         return stream(self.model, self.tokenizer, prompt, method, **options)
 
     def count_tokens(self, text: str) -> int:

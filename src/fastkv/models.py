@@ -148,6 +148,22 @@ def prepare(spec: ModelSpec, progress: bool = True) -> Path:
     return final
 
 
+def check_device(device: str | torch.device) -> None:
+    """Raise ValueError naming a device that this torch build or machine does not have."""
+    try:
+        where = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {str(device)!r}: {e}") from None
+    backend = getattr(torch, where.type, None)
+    if where.type == "cpu":
+        return
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ValueError(f"device {str(device)!r} is not available: this machine has no {where.type} device")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if where.index is not None and where.index >= count:
+        raise ValueError(f"device {str(device)!r} is not available: there are {count} {where.type} device(s)")
+
+
 def load(
     name: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "float32",
@@ -161,6 +177,7 @@ def load(
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
+    check_device(device)
     kwargs: dict = {}
     if name in REGISTRY:
         source = prepare(REGISTRY[name], progress=progress)

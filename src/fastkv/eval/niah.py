@@ -7,7 +7,10 @@ prediction scores the share of the needle's words that appear in it.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import string
+import textwrap
 from pathlib import Path
 
 from . import data
@@ -49,6 +52,12 @@ def prompt(tokenizer, length: int, depth: float, chat: bool = True) -> str:
     return render(tokenizer, build(n, depth), ANSWER_PREFIX, chat)
 
 
+def file_name(spec: str) -> str:
+    """A file name for a method spec: its preset names, plus a digest of the knobs when it has any."""
+    name = re.sub(r"\([^)]*\)", "", spec)
+    return name if name == spec else f"{name}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
+
+
 def heatmaps(rows: list[dict], out_dir: str | Path) -> list[Path]:
     """One heatmap per method (depth on y, length on x) and a side-by-side figure; returns the files."""
     import matplotlib
@@ -74,7 +83,7 @@ def heatmaps(rows: list[dict], out_dir: str | Path) -> list[Path]:
         ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth")
-        ax.set_title(method)
+        ax.set_title(textwrap.fill(method, 40), fontsize=7)
         return image
 
     files = []
@@ -82,7 +91,7 @@ def heatmaps(rows: list[dict], out_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
         fig.colorbar(draw(ax, method), ax=ax, label="score %")
         fig.tight_layout()
-        path = out / f"niah_{method}.png"
+        path = out / f"niah_{file_name(method)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(path)

@@ -1,8 +1,10 @@
 """Run evaluation items under many methods, with resume, fidelity to FullKV, and summaries.
 
 Output directory:
-- `predictions.jsonl`: one line per (model, setting, method, task, index), appended as it is produced;
-  a rerun skips what is there, so an interrupted run resumes where it stopped.
+- `predictions.jsonl`: one line per (model, setting, settings, method, task, index), appended as it is
+  produced; `method` is the canonical spec (every knob resolved) and `settings` the run's other choices
+  (dtype, chat template, seed, ...). A rerun skips exactly what is there, so an interrupted run resumes
+  where it stopped, and a run with another knob or setting is computed and labelled apart.
 - `metrics.json`: mean score per task and on average, plus fidelity to FullKV, per run label.
 - `summary.md`, `summary.csv`: the same as tables.
 - `run.json`: config, the commands that produced the directory, package versions, machine, duration.
@@ -12,6 +14,7 @@ Output directory:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -71,7 +74,14 @@ def machine() -> dict:
 
 
 def _key(row: dict) -> tuple:
-    return (row["model"], row["setting"], row["method"], row["task"], row["index"])
+    settings = json.dumps(row.get("settings", {}), sort_keys=True)
+    return (row["model"], row["setting"], settings, row["method"], row["task"], row["index"])
+
+
+def run_label(row: dict) -> str:
+    """A run's label in the summaries: model | setting (and dtype) | canonical method spec."""
+    dtype = row.get("settings", {}).get("dtype")
+    return f"{row['model']} | {row['setting']}{f' {dtype}' if dtype else ''} | {row['method']}"
 
 
 def run(
@@ -84,8 +94,12 @@ def run(
     config: dict,
     progress: bool = True,
     seed: int = 0,
+    settings: dict | None = None,
 ) -> dict:
-    """Answer every item under every method (FullKV first, for fidelity); return the metrics."""
+    """Answer every item under every method (FullKV first, for fidelity); return the metrics.
+
+    `methods` maps canonical specs to bound methods; `settings` (JSON-able) is part of every result's key.
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -104,10 +118,12 @@ def run(
             if line.strip():
                 row = json.loads(line)
                 done[_key(row)] = row
+    settings = settings or {}
+    tag = json.dumps(settings, sort_keys=True)
     labels = ["fullkv"] + [m for m in methods if m != "fullkv"]
     methods = {"fullkv": methods.get("fullkv", FullKV()), **methods}
     started = time.time()
-    todo = sum((model_name, setting, m, it.task, it.index) not in done for it in items for m in labels)
+    todo = sum((model_name, setting, tag, m, it.task, it.index) not in done for it in items for m in labels)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -120,20 +136,24 @@ def run(
         task_id = bar.add_task(f"{model_name} {setting}", total=todo)
         for item in items:
             ids = llm.tokenizer(item.prompt, add_special_tokens=item.special_tokens)["input_ids"]
-            logits_path = out / "logits" / f"{model_name.replace('/', '_')}-{setting}-{item.task}-{item.index}.pt"
-            full_answer = done.get((model_name, setting, "fullkv", item.task, item.index), {}).get("prediction")
+            digest = hashlib.sha1(tag.encode()).hexdigest()[:8]
+            name = f"{model_name.replace('/', '_')}-{setting}-{digest}-{item.task}-{item.index}.pt"
+            logits_path = out / "logits" / name
+            full_key = (model_name, setting, tag, "fullkv", item.task, item.index)
+            full_answer = done.get(full_key, {}).get("prediction")
             full_logits = torch.load(logits_path) if logits_path.exists() else None
-            for label in labels:
-                key = (model_name, setting, label, item.task, item.index)
-                if key in done and not (label == "fullkv" and full_logits is None and len(labels) > 1):
+            for spec in labels:
+                key = (model_name, setting, tag, spec, item.task, item.index)
+                if key in done and not (spec == "fullkv" and full_logits is None and len(labels) > 1):
                     continue
-                bar.update(task_id, description=f"{model_name} {setting} {label:>12} {item.task}")
-                result = llm.generate(ids, methods[label], max_new_tokens=item.max_new_tokens, seed=seed)
+                bar.update(task_id, description=f"{model_name} {setting} {methods[spec].name:>12} {item.task}")
+                result = llm.generate(ids, methods[spec], max_new_tokens=item.max_new_tokens, seed=seed)
                 s = result.stats
                 row = {
                     "model": model_name,
                     "setting": setting,
-                    "method": label,
+                    "settings": settings,
+                    "method": spec,
                     "task": item.task,
                     "index": item.index,
                     "prediction": result.text,
@@ -145,7 +165,7 @@ def run(
                     "kv_ratio": round(s.kv_ratio, 4),
                     **item.meta,
                 }
-                if label == "fullkv":
+                if spec == "fullkv":
                     full_answer, full_logits = result.text, result.first_logits.cpu()
                     torch.save(full_logits, logits_path)
                 else:
@@ -165,7 +185,7 @@ def summarize(rows: list[dict]) -> dict:
     """{run label: {"tasks": {task: mean score %}, "average": ..., "agreement": %, "kl": mean}}."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[f"{row['model']} | {row['setting']} | {row['method']}"].append(row)
+        groups[run_label(row)].append(row)
     out = {}
     for label, group in sorted(groups.items()):
         by_task: dict[str, list[float]] = defaultdict(list)

@@ -1,57 +1,50 @@
-"""Methods by name. Each lives in its own module; `METHODS` maps the CLI/API name to its class."""
+"""Methods as FastKV's paper decouples them: a context reducer x a KV-cache policy.
+
+- `base`: the parts' protocol (what the engine asks per layer), `Selection`, knob checks;
+- `reducers/`, `policies/`, `scorers/`, `allocators/`: one part per file; `registry`: one line each;
+- `method`: `Composed(reducer, policy)` and flat presets; `presets`: the nine methods we compare;
+- `spec`: spec strings such as `fastkv(kernel_size=13)` or `fastkv+adakv`, parsed and written.
+"""
 
 from __future__ import annotations
 
-from .adakv import AdaKV
-from .base import Method
-from .fastkv import FastKV
-from .fullkv import FullKV
-from .gemfilter import GemFilter
-from .h2o import H2O
-from .pyramidinfer import PyramidInfer
-from .pyramidkv import PyramidKV
-from .snapkv import SnapKV
-from .streamingllm import StreamingLLM
+from .base import CachePolicy, LayerState, Part, Reducer, Selection
+from .method import Composed, Method, Preset
+from .presets import H2O, PRESETS, AdaKV, FastKV, FullKV, GemFilter, PyramidInfer, PyramidKV, SnapKV, StreamingLLM
+from .registry import ALLOCATORS, POLICIES, REDUCERS, SCORERS, register
+from .spec import format_spec, make_method, make_methods, make_with_shared, parse_specs
 
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FullKV, SnapKV, FastKV, StreamingLLM, H2O, PyramidKV, AdaKV, GemFilter, PyramidInfer)
-}
-
-
-def make_method(name: str, **knobs) -> Method:
-    """Build a method from its registered name and knobs (None values mean 'use the default')."""
-    key = name.lower()
-    if key not in METHODS:
-        raise ValueError(f"unknown method {name!r}: choose one of {sorted(METHODS)}")
-    cls = METHODS[key]
-    accepted = {f for f in cls.__dataclass_fields__}
-    given = {k: v for k, v in knobs.items() if v is not None}
-    unknown = sorted(set(given) - accepted)
-    if unknown:
-        raise ValueError(f"method {key!r} has no knob(s) {unknown}; it takes {sorted(accepted)}")
-    return cls(**given)
-
-
-def make_with_shared(name: str, **shared) -> Method:
-    """A method by name, given the shared knobs (None: the method's default) that it has; the others are
-    left out. For comparisons that set one KV budget or TSP rate across methods."""
-    key = name.lower()
-    fields = METHODS[key].__dataclass_fields__ if key in METHODS else {}
-    return make_method(key, **{k: v for k, v in shared.items() if k in fields})
-
+# The presets by name (kept under this name for older code).
+METHODS = PRESETS
 
 __all__ = [
-    "METHODS",
+    "ALLOCATORS",
     "H2O",
+    "METHODS",
+    "POLICIES",
+    "PRESETS",
+    "REDUCERS",
+    "SCORERS",
     "AdaKV",
+    "CachePolicy",
+    "Composed",
     "FastKV",
     "FullKV",
     "GemFilter",
+    "LayerState",
     "Method",
+    "Part",
+    "Preset",
     "PyramidInfer",
     "PyramidKV",
+    "Reducer",
+    "Selection",
     "SnapKV",
     "StreamingLLM",
+    "format_spec",
     "make_method",
+    "make_methods",
     "make_with_shared",
+    "parse_specs",
+    "register",
 ]

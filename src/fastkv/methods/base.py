@@ -1,76 +1,146 @@
-"""What every method shares: the interface the engine calls, budget arithmetic and field checks.
+"""What a method is made of, and the two questions the engine asks it at every layer of prefill.
 
-Per layer, after attention, the engine asks the method:
-- `wants_scores` / `score(q, k, scale)`: token importance, [B, Hkv or 1, prefix] (float32);
-- `keep`: which KV entries of the tokens present this layer caches for decoding: None (all), indices
-  [B, Hkv, k], or (indices, valid) for per-head counts padded to the longest head (AdaKV);
-- `propagate`: which tokens continue to the next layer (prefill-reducing methods only). When
-  `restarts` is set (GemFilter), the model instead runs again from layer 0 on those tokens alone.
+FastKV's point is that two decisions are independent (arXiv 2502.01068, "decoupling context reduction
+and KV cache compression"), so a method here is two parts:
+
+- a **context reducer** (`Reducer`) answers *which tokens continue to the next layer*
+  (`tokens(layer) -> Selection | None`): none, TSP, GemFilter's filter-and-rerun, PyramidInfer's schedule;
+- a **cache policy** (`CachePolicy`) answers *which KV entries this layer caches for decoding*
+  (`entries(layer) -> Selection | None`): all, sinks + recent, or top-k by a `Scorer` with an `Allocator`.
+
+Every part is a frozen, keyword-only dataclass whose fields are its knobs. Validation only reads fields,
+so `dataclasses.replace` works; a bad value raises `ValueError` naming the field. Parts that need scores
+ask `layer.scores(scorer)`, which computes each distinct scorer once per layer: a reducer and a policy
+with the same scorer (FastKV's TSP and its cache) share one computation.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
 
 import torch
 
-from ..scoring import POOLINGS, top_with_window, window_scores
+# Registries of part classes by name, filled by `fastkv.methods.registry`: "reducer", "policy",
+# "scorer", "allocator" -> {name: class}.
+REGISTRY: dict[str, dict[str, type[Part]]] = {"reducer": {}, "policy": {}, "scorer": {}, "allocator": {}}
+# A share and an absolute count of the same thing: a part takes one of them, never both.
+EXCLUSIVE = (("retain_rate", "budget"), ("tsp_rate", "tsp_len"))
+# Below these, rate-derived sizes are raised: a short prompt (a chat turn) is left uncompressed.
+MIN_BUDGET, MIN_TSP_LEN = 256, 512
 
-Keep = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+
+def knob(default: Any, help: str, **kw) -> Any:
+    """A dataclass field that is a method knob, with the help text that `fastkv methods` and the CLI show."""
+    return field(default=default, metadata={"help": help}, **kw)
 
 
-def check_positive_int(obj: object, name: str, allow_none: bool = False, minimum: int = 1) -> None:
-    value = getattr(obj, name)
+def sub_part(kind: str, default: Callable[[], Part], help: str) -> Any:
+    """A field holding another part (a TopK's scorer or allocator), chosen by its registry name."""
+    return field(default_factory=default, metadata={"help": help, "kind": kind})
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which of the tokens present at a layer a part picks.
+
+    indices: [B, 1, k] (the same tokens for every KV head) or [B, Hkv, k] (per head), into the
+        tokens present at that layer (0..n-1).
+    valid: None, or [B, Hkv, k] marking the real entries when heads keep different counts and the
+        shorter ones are padded (AdaKV). The engine checks range, uniqueness and, for token selections,
+        order (see `engine.checked`).
+    """
+
+    indices: torch.Tensor
+    valid: torch.Tensor | None = None
+
+    @classmethod
+    def same_for_all_heads(cls, indices: torch.Tensor) -> Selection:
+        """From token indices [B, k]."""
+        return cls(indices.unsqueeze(1))
+
+
+@dataclass
+class LayerState:
+    """What a part sees of one layer during prefill: q [B, Hq, n, d] and k [B, Hkv, n, d] after RoPE."""
+
+    index: int
+    num_layers: int
+    prompt_len: int  # the original prompt's length: budgets are relative to it, whatever n is here
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+    _scores: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def present(self) -> int:
+        return self.k.shape[2]
+
+    def scores(self, scorer: Scorer) -> torch.Tensor:
+        """scorer(q, k, scale), computed once per layer for equal scorers."""
+        if scorer not in self._scores:
+            self._scores[scorer] = scorer(self.q, self.k, self.scale)
+        return self._scores[scorer]
+
+
+def knob_error(part: Part, name: str, message: str) -> ValueError:
+    return ValueError(f"{type(part).__name__}.{name} {message}")
+
+
+def check_int(part: Part, name: str, minimum: int = 1, allow_none: bool = False) -> None:
+    value = getattr(part, name)
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{type(obj).__name__}.{name} must be {kind}, got {value!r}")
+        raise knob_error(part, name, f"must be {kind}, got {value!r}")
 
 
-def check_rate(obj: object, name: str) -> None:
-    value = getattr(obj, name)
+def check_rate(part: Part, name: str) -> None:
+    value = getattr(part, name)
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{type(obj).__name__}.{name} must be in (0, 1], got {value!r}")
+        raise knob_error(part, name, f"must be in (0, 1], got {value!r}")
 
 
-def check_one_of(obj: object, rate: str, size: str, default_rate: float) -> None:
-    """A share and an absolute size of the same thing are exclusive; with neither, use the default."""
-    if getattr(obj, rate) is not None and getattr(obj, size) is not None:
+def check_choice(part: Part, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(part, name) not in choices:
+        raise knob_error(part, name, f"must be one of {choices}, got {getattr(part, name)!r}")
+
+
+def check_exclusive(part: Part, rate: str, size: str) -> None:
+    """A share and an absolute size of the same thing are exclusive."""
+    if getattr(part, rate) is not None and getattr(part, size) is not None:
         raise ValueError(
-            f"{type(obj).__name__}: give {rate} or {size}, not both "
-            f"(got {rate}={getattr(obj, rate)!r}, {size}={getattr(obj, size)!r})"
+            f"{type(part).__name__}: give {rate} or {size}, not both "
+            f"(got {rate}={getattr(part, rate)!r}, {size}={getattr(part, size)!r})"
         )
-    if getattr(obj, rate) is None and getattr(obj, size) is None:
-        object.__setattr__(obj, rate, default_rate)
-    check_rate(obj, rate)
-    check_positive_int(obj, size, allow_none=True)
+    check_rate(part, rate)
+    check_int(part, size, allow_none=True)
 
 
-def check_odd_kernel(obj: object) -> None:
-    """window_size and kernel_size are positive, and the pooling kernel is odd (same-length pooling)."""
-    check_positive_int(obj, "window_size")
-    check_positive_int(obj, "kernel_size")
-    if obj.kernel_size % 2 == 0:
-        raise ValueError(f"{type(obj).__name__}.kernel_size must be odd, got {obj.kernel_size}")
+def check_odd(part: Part, name: str) -> None:
+    check_int(part, name)
+    if getattr(part, name) % 2 == 0:
+        raise knob_error(part, name, f"must be odd, got {getattr(part, name)}")
 
 
-def check_not_larger(obj: object, small: str, large: str) -> None:
-    a, b = getattr(obj, small), getattr(obj, large)
+def check_not_larger(part: Part, small: str, large: str, small_value: int | None = None) -> None:
+    a = getattr(part, small) if small_value is None else small_value
+    b = getattr(part, large)
     if a is not None and b is not None and a > b:
-        raise ValueError(f"{type(obj).__name__}.{small} ({a}) is larger than {large} ({b})")
+        raise knob_error(part, small, f"({a}) is larger than {large} ({b})")
 
 
-def check_layer(obj: object, name: str, num_layers: int) -> None:
-    value = getattr(obj, name)
+def check_layer(part: Part, name: str, num_layers: int) -> None:
+    value = getattr(part, name)
     if value is not None and value >= num_layers:
         raise ValueError(
-            f"{type(obj).__name__}.{name}={value} is outside the model: "
-            f"it has {num_layers} layers (0..{num_layers - 1})"
+            f"{type(part).__name__}.{name}={value} is outside the model: it has {num_layers} layers "
+            f"(0..{num_layers - 1})"
         )
 
 
@@ -79,97 +149,181 @@ def share_of(rate: float, length: int) -> int:
     return math.floor(rate * length + 1e-9)
 
 
-class Method:
-    """Base of all methods. Subclasses are kw-only dataclasses; `__post_init__` validates their fields."""
+def sized(count: int | None, rate: float, length: int, floor: int) -> int:
+    """An explicit count as given, else `rate` of `length`, never below `floor`."""
+    return count if count is not None else max(floor, share_of(rate, length))
 
-    name: ClassVar[str]
-    reduces: ClassVar[str]  # "nothing", "KV cache", or "prefill + KV cache"
-    paper: ClassVar[str] = ""
-    restarts: ClassVar[bool] = False
-    # Defaults that depend on the model, for listings: field -> rule
+
+@dataclass(frozen=True, kw_only=True)
+class Part:
+    """Base of reducers, cache policies, scorers and allocators."""
+
+    kind: ClassVar[str]
+    name: ClassVar[str]  # its registry name
+    # Knobs whose default depends on the model, for listings: field -> rule
     auto: ClassVar[dict[str, str]] = {}
 
-    def check_model(self, num_layers: int) -> None:
-        """Raise ValueError for fields that do not fit a model with `num_layers` layers."""
+    def __post_init__(self) -> None:
+        self.check()
 
-    def bind(self, num_layers: int) -> Method:
-        """This method with its model-dependent defaults resolved; the engine calls it before prefill."""
-        self.check_model(num_layers)
-        return self
+    def check(self) -> None:
+        """Raise ValueError naming the field of a bad value. Reads fields only."""
 
-    def wants_scores(self, layer: int, present: int, prompt_len: int) -> bool:
-        return False
+    def bind(self, num_layers: int) -> Part:
+        """This part with model-dependent and rate defaults resolved (fields that are None filled)."""
+        return replace(self, **{f.name: getattr(self, f.name).bind(num_layers) for f in fields(self) if is_sub(f)})
 
-    def score(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        raise NotImplementedError(f"{self.name} does not score tokens")
-
-    def keep(self, layer: int, scores: torch.Tensor | None, present: int, prompt_len: int) -> Keep:
-        return None
-
-    def propagate(self, layer: int, scores: torch.Tensor | None, present: int, prompt_len: int) -> torch.Tensor | None:
-        """Sorted token indices [B, T] that continue to the next layer, or None for all."""
-        return None
-
-    def describe(self) -> str:
-        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)]  # type: ignore[arg-type]
-        return f"{self.name}({', '.join(parts)})"
+    def knobs(self) -> dict[str, Any]:
+        """Every knob, flattened over sub-parts; a sub-part appears as its registry name."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if is_sub(f):
+                out[f.name] = value.name
+                out.update(value.knobs())
+            else:
+                out[f.name] = value
+        return out
 
 
-@dataclass(kw_only=True)
-class WindowScored(Method):
-    """Scores from the attention of the last `window_size` prompt tokens (SnapKV's observation window)."""
-
-    window_size: int = 8
-    kernel_size: int = 7
-    pooling: str = "max"
-
-    def check_window(self) -> None:
-        check_odd_kernel(self)
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"{type(self).__name__}.pooling must be one of {POOLINGS}, got {self.pooling!r}")
-
-    def score(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        return window_scores(q[:, :, -self.window_size :], k, scale, self.kernel_size, self.pooling)
+def is_sub(f) -> bool:
+    return "kind" in f.metadata
 
 
-@dataclass(kw_only=True)
-class Budgeted(Method):
-    """A KV budget per layer: `budget` entries, or `retain_rate` of the prompt (default 0.1).
+def build(cls: type[Part], knobs: dict[str, Any], like: Part | None = None, used: set[str] | None = None) -> Part:
+    """A part of class `cls` from flat knobs; knobs it lacks are ignored (and not added to `used`).
 
-    `floor()` entries (the window, or the sinks) are always kept, so a budget from a rate never falls
-    below it. A budget is relative to the original prompt length, whatever the layer sees.
+    Unset knobs take `like`'s values (a preset's prototype), else the class defaults. A sub-part is
+    chosen by its registry name in `knobs` (e.g. scorer="accumulated"), else like `like`'s.
+    """
+    used = used if used is not None else set()
+    args = {}
+    for f in fields(cls):
+        if is_sub(f):
+            choices = REGISTRY[f.metadata["kind"]]
+            current = getattr(like, f.name) if isinstance(like, cls) else f.default_factory()
+            chosen = knobs.get(f.name)
+            if chosen is not None:
+                used.add(f.name)
+                if chosen not in choices:
+                    raise ValueError(f"unknown {f.metadata['kind']} {chosen!r}: choose one of {sorted(choices)}")
+            sub_cls = choices[chosen] if chosen is not None else type(current)
+            args[f.name] = build(sub_cls, knobs, current if type(current) is sub_cls else None, used)
+        elif f.name in knobs:
+            used.add(f.name)
+            args[f.name] = knobs[f.name]
+        elif isinstance(like, cls):
+            args[f.name] = getattr(like, f.name)
+    return cls(**args)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scorer(Part):
+    """Token importance at a layer: scorer(q, k, scale) -> float32 [B, Hkv or 1, n - window_size].
+
+    The last `window_size` tokens present are not scored: a cache policy always keeps them.
+    `observes` is True when those tokens' queries are the signal, so a reducer must keep them too.
     """
 
-    budget: int | None = None
-    retain_rate: float | None = None
+    kind = "scorer"
+    observes: ClassVar[bool] = True
+    window_size: int = knob(8, "last prompt tokens: always kept, and (observation window) the queries that score")
 
-    def floor(self) -> int:
-        return getattr(self, "window_size", 1)
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        raise NotImplementedError
 
-    def check_budget(self, floor_field: str = "window_size") -> None:
-        check_one_of(self, "retain_rate", "budget", default_rate=0.1)
-        check_not_larger(self, floor_field, "budget")
+
+@dataclass(frozen=True, kw_only=True)
+class Allocator(Part):
+    """How a KV budget is spread over layers and heads."""
+
+    kind = "allocator"
+
+    def layer_budget(self, budget: int, window: int, layer: int, num_layers: int) -> int:
+        """Entries per head that `layer` keeps (window included); the mean over layers is `budget`."""
+        return budget
+
+    def select(self, scores: torch.Tensor, per_head: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prefix entries to keep from scores [B, Hkv, p], `per_head` per head on average.
+
+        Returns indices [B, Hkv, k], sorted per head, and None, or (when heads keep different counts)
+        a mask [B, Hkv, k] of the real entries; padding entries must still be distinct indices.
+        """
+        return scores.topk(per_head, dim=-1).indices.sort(dim=-1).values, None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reducer(Part):
+    """Which tokens continue through depth during prefill."""
+
+    kind = "reducer"
+
+    def tokens(self, layer: LayerState) -> Selection | None:
+        """Sorted token indices [B, 1, T] that continue past this layer, or None for all of them."""
+        return None
+
+    def tail(self) -> int | None:
+        """Trailing prompt tokens that always continue (None: every token does)."""
+        return None
+
+    def prefill(self, run: Callable, input_ids: torch.Tensor, policy: CachePolicy):
+        """Drive the prefill passes. `run(input_ids, reducer, policy, ...)` is the engine's single pass."""
+        return run(input_ids, self, policy)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CachePolicy(Part):
+    """Which KV entries each layer keeps for decoding."""
+
+    kind = "policy"
+
+    def entries(self, layer: LayerState) -> Selection | None:
+        """Entries of the tokens present to cache, or None for all of them."""
+        return None
+
+    def observed_window(self) -> int:
+        """Trailing tokens whose queries this policy scores with (0: none)."""
+        return 0
+
+    def kv_budget(self, prompt_len: int) -> int | None:
+        """Mean entries per layer and head it keeps of a prompt of prompt_len tokens (None: all)."""
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Budgeted(CachePolicy):
+    """A KV budget per layer: `budget` entries, or `retain_rate` of the prompt (default 0.1).
+
+    A budget from a rate never falls below `min_budget` (nor the entries always kept), so a prompt of at
+    most `min_budget` tokens is cached whole. A budget is relative to the original prompt length, whatever
+    a layer sees, so layers after TSP keep the same count as the others.
+    """
+
+    budget: int | None = knob(None, "KV entries kept per layer and KV head, window included (instead of a rate)")
+    retain_rate: float | None = knob(None, "KV budget as a share of the prompt (default 0.1)")
+    min_budget: int = knob(MIN_BUDGET, "smallest budget a rate gives: shorter prompts are cached whole")
+
+    def check(self) -> None:
+        check_exclusive(self, "retain_rate", "budget")
+        check_int(self, "min_budget")
+        if self.budget is not None and self.always_kept() > self.budget:
+            raise ValueError(
+                f"{type(self).__name__}: budget={self.budget} is smaller than the {self.always_kept()} entries "
+                f"it always keeps ({self.kept_why()})"
+            )
+
+    def bind(self, num_layers: int) -> Budgeted:
+        bound = super().bind(num_layers)
+        if self.budget is None and self.retain_rate is None:
+            return replace(bound, retain_rate=0.1)
+        return bound
+
+    def always_kept(self) -> int:
+        return 1
+
+    def kept_why(self) -> str:
+        return "the last token"
 
     def kv_budget(self, prompt_len: int) -> int:
-        if self.budget is not None:
-            return self.budget
-        return max(self.floor(), share_of(self.retain_rate, prompt_len))
-
-    def layer_budget(self, layer: int, prompt_len: int) -> int:
-        return self.kv_budget(prompt_len)
-
-    def compresses(self, layer: int, present: int, prompt_len: int) -> bool:
-        return present > self.layer_budget(layer, prompt_len)
-
-
-@dataclass(kw_only=True)
-class TopKWindow(Budgeted):
-    """Each KV head keeps its top `budget - window_size` prefix entries plus the last `window_size`."""
-
-    def wants_scores(self, layer: int, present: int, prompt_len: int) -> bool:
-        return self.compresses(layer, present, prompt_len)
-
-    def keep(self, layer: int, scores: torch.Tensor | None, present: int, prompt_len: int) -> Keep:
-        if not self.compresses(layer, present, prompt_len):
-            return None
-        return top_with_window(scores, self.layer_budget(layer, prompt_len), self.window_size)
+        rate = 0.1 if self.retain_rate is None else self.retain_rate
+        return sized(self.budget, rate, prompt_len, max(self.always_kept(), self.min_budget))

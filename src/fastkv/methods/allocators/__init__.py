@@ -1,0 +1,1 @@
+"""Allocators: how a KV budget is spread over layers and heads, one file each."""

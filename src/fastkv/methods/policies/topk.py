@@ -1,0 +1,48 @@
+"""Top-k by a scorer, with a budget allocator: SnapKV, H2O, PyramidKV and AdaKV are instances."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..allocators.uniform import Uniform
+from ..base import Allocator, Budgeted, LayerState, Scorer, Selection, sub_part
+from ..scorers.window import WindowAttention
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopK(Budgeted):
+    """Each layer keeps, per KV head, its best-scored prefix entries plus the last `window_size` tokens.
+
+    `scorer` gives scores [B, Hkv or 1, n - w] of the n tokens present; `allocator` turns the budget
+    (relative to the original prompt) into a count per layer and head and picks the entries. A layer
+    with no more tokens present than its budget caches them all.
+    """
+
+    name = "topk"
+
+    scorer: Scorer = sub_part("scorer", WindowAttention, "what ranks the entries")
+    allocator: Allocator = sub_part("allocator", Uniform, "how the budget is spread over layers and heads")
+
+    def always_kept(self) -> int:
+        return self.scorer.window_size
+
+    def kept_why(self) -> str:
+        return f"the window, window_size={self.scorer.window_size}"
+
+    def observed_window(self) -> int:
+        return self.scorer.window_size if self.scorer.observes else 0
+
+    def entries(self, layer: LayerState) -> Selection | None:
+        w = self.scorer.window_size
+        budget = self.allocator.layer_budget(self.kv_budget(layer.prompt_len), w, layer.index, layer.num_layers)
+        if layer.present <= budget:
+            return None
+        scores = layer.scores(self.scorer)
+        chosen, valid = self.allocator.select(scores, budget - w)
+        b, h, prefix = scores.shape
+        window = torch.arange(prefix, prefix + w, device=chosen.device).expand(b, h, w)
+        if valid is not None:
+            valid = torch.cat([valid, torch.ones(b, h, w, dtype=torch.bool, device=valid.device)], dim=-1)
+        return Selection(torch.cat([chosen, window], dim=-1), valid)

@@ -1,0 +1,1 @@
+"""Context reducers: which tokens continue through depth during prefill, one file each."""

@@ -1,0 +1,72 @@
+"""GemFilter's filter-and-rerun (Shi et al., 2024): https://arxiv.org/abs/2409.17422"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ...scoring import top_with_window
+from ..base import MIN_BUDGET, LayerState, Reducer, Selection, check_exclusive, check_int, check_layer, knob, sized
+from ..scorers.last_query import LastQuery
+from .none import NoReduction
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilterRerun(Reducer):
+    """Use an early layer as a filter, then run the whole model again on the tokens it selects.
+
+    Layers 0..filter_layer run on the prompt of L tokens. At filter_layer the last-query scores
+    (`LastQuery`) pick the top `budget` tokens, the last `window_size` always
+    among them; in order, they form a new prompt with positions renumbered 0..budget-1, which the model
+    runs from scratch, and decoding continues at position `budget`. Budgets of the cache policy stay
+    relative to L. A prompt of at most `budget` tokens runs once, unfiltered.
+    """
+
+    name = "filter"
+    auto = {"filter_layer": "round(13/32*layers)"}
+
+    filter_layer: int | None = knob(None, "the filter layer (default: the paper's 13 of 32 layers, scaled)")
+    window_size: int = knob(1, "last prompt tokens always selected (generation continues from them)")
+    kernel_size: int = knob(5, "odd width of the average pooling of scores along tokens")
+    budget: int | None = knob(None, "tokens selected, window included (instead of a rate)")
+    retain_rate: float | None = knob(None, "tokens selected, as a share of the prompt (default 0.1)")
+    min_budget: int = knob(MIN_BUDGET, "fewest tokens a rate selects: shorter prompts are not filtered")
+
+    def check(self) -> None:
+        self.scorer()  # checks window_size and kernel_size
+        check_int(self, "filter_layer", minimum=0, allow_none=True)
+        check_exclusive(self, "retain_rate", "budget")
+        check_int(self, "min_budget")
+        if self.budget is not None and self.budget < self.window_size:
+            raise ValueError(f"FilterRerun.window_size ({self.window_size}) is larger than budget ({self.budget})")
+
+    def bind(self, num_layers: int) -> FilterRerun:
+        check_layer(self, "filter_layer", num_layers)
+        layer = self.filter_layer if self.filter_layer is not None else min(num_layers - 1, round(13 * num_layers / 32))
+        rate = 0.1 if self.retain_rate is None and self.budget is None else self.retain_rate
+        return replace(self, filter_layer=layer, retain_rate=rate)
+
+    def scorer(self) -> LastQuery:
+        return LastQuery(window_size=self.window_size, kernel_size=self.kernel_size)
+
+    def tail(self) -> int:
+        return self.window_size
+
+    def tokens(self, layer: LayerState) -> Selection | None:
+        rate = 0.1 if self.retain_rate is None else self.retain_rate
+        keep = sized(self.budget, rate, layer.prompt_len, max(self.window_size, self.min_budget))
+        if layer.index != self.filter_layer or layer.present <= keep:
+            return None
+        scores = layer.scores(self.scorer()).sum(dim=1)
+        return Selection.same_for_all_heads(top_with_window(scores, keep, self.window_size))
+
+    def prefill(self, run, input_ids: torch.Tensor, policy):
+        first = run(input_ids, self, policy, stop_at=self.filter_layer)
+        if first.logits is not None:  # nothing was filtered: that pass ran to the end
+            return first
+        # The first pass ran on positions 0..L-1, so the original positions it chose index input_ids.
+        chosen = first.trace.propagated[self.filter_layer]
+        second = run(input_ids.gather(1, chosen), NoReduction(), policy, prompt_len=input_ids.shape[1])
+        second.trace.earlier.append(first.trace)
+        return second

@@ -1,0 +1,1 @@
+"""Scorers: token importance at a layer, one file each."""

@@ -1,0 +1,37 @@
+"""The nine presets reproduce, bit for bit, what the methods selected and output before they became
+compositions of a context reducer and a cache policy (fixtures recorded by tests/fixtures/record_presets.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .fixtures.record_presets import CONFIGS, FAMILIES, PATH, run
+
+RECORDED = torch.load(PATH)
+
+
+def equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(equal, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_preset_reproduces_its_fixture(name, family):
+    recorded, now = RECORDED[(name, family)], run(name, family)
+    assert recorded.keys() == now.keys()
+    for key in recorded:
+        assert equal(recorded[key], now[key]), key
+
+
+def test_fixtures_cover_every_preset():
+    from fastkv.methods import PRESETS
+
+    assert set(CONFIGS) == set(PRESETS)
+    assert {n for n, _ in RECORDED} == set(PRESETS)
