@@ -12,12 +12,12 @@ from dataclasses import fields
 
 import torch
 
-from fastkv import FullKV, adapter_for, decode_step, prefill
+from fastkv import adapter_for, decode_step, prefill
 from fastkv.methods import Composed
 from fastkv.methods.base import REGISTRY, build, is_sub
 
 from .conftest import build_tiny, prompt_ids
-from .reference import hf_decode_logits
+from .reference import assert_same_as_fullkv, hf_decode_logits
 
 L, LAYERS, BUDGET = 96, 4, 24
 COMPRESSING = {
@@ -115,14 +115,4 @@ def check_invariants(method: Composed, family: str) -> None:
 
 def check_uncompressed_equals_fullkv(method: Composed, family: str) -> None:
     """With every size at the whole prompt, the combination is FullKV, bit for bit, through decoding."""
-    parts = adapter_for(build_tiny(family))
-    ids = prompt_ids(L, seed=12)
-    ref_cache, ref, _ = prefill(parts, ids, FullKV(), max_new_tokens=3)
-    cache, logits, trace = prefill(parts, ids, method, max_new_tokens=3)
-    assert trace.tokens_per_layer == [L] * LAYERS and cache.lengths == [L] * LAYERS
-    for step in range(3):
-        assert torch.equal(logits, ref)
-        token = ref.argmax(-1)
-        ref = decode_step(parts, ref_cache, token, L + step)
-        logits = decode_step(parts, cache, token, L + step)
-    assert torch.equal(logits, ref)
+    assert_same_as_fullkv(adapter_for(build_tiny(family)), prompt_ids(L, seed=12), method, steps=3)

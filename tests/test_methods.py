@@ -9,6 +9,7 @@ from fastkv import FastKV, FullKV, SnapKV, adapter_for, decode_step, prefill
 
 from .conftest import build_tiny, prompt_ids
 from .reference import (
+    assert_same_as_fullkv,
     assert_top_entries,
     eager_attentions,
     hf_decode_logits,
@@ -96,19 +97,8 @@ def test_decode_continues_from_original_length(family, method):
 
 
 def test_fastkv_without_compression_equals_fullkv(family):
-    model = build_tiny(family)
-    parts = adapter_for(model)
-    ids = prompt_ids(L, seed=5)
-    ref_cache, ref, _ = prefill(parts, ids, FullKV(), max_new_tokens=8)
-    cache, logits, trace = prefill(parts, ids, FastKV(tsp_rate=1.0, retain_rate=1.0), max_new_tokens=8)
-    assert torch.equal(logits, ref)
-    assert trace.tokens_per_layer == [L] * 4 and not trace.propagated
-    for step in range(8):
-        token = ref.argmax(-1)
-        assert torch.equal(token, logits.argmax(-1))
-        ref = decode_step(parts, ref_cache, token, L + step)
-        logits = decode_step(parts, cache, token, L + step)
-        assert torch.equal(logits, ref)
+    parts = adapter_for(build_tiny(family))
+    assert_same_as_fullkv(parts, prompt_ids(L, seed=5), FastKV(tsp_rate=1.0, retain_rate=1.0), steps=8)
 
 
 def test_short_prompt_is_not_compressed():
@@ -143,17 +133,7 @@ def test_fastkv_defaults_are_the_papers_on_long_prompts():
 @pytest.mark.parametrize("length", [40, 150, 256])
 def test_default_fastkv_leaves_short_prompts_whole(family, length):
     """At most min_budget (256) tokens: bit for bit FullKV, prefill and decoding."""
-    parts = adapter_for(build_tiny(family))
-    ids = prompt_ids(length, seed=6)
-    ref_cache, ref, _ = prefill(parts, ids, FullKV(), max_new_tokens=4)
-    cache, logits, trace = prefill(parts, ids, FastKV(), max_new_tokens=4)
-    assert trace.tokens_per_layer == [length] * 4 and cache.lengths == [length] * 4
-    for step in range(4):
-        assert torch.equal(logits, ref)
-        token = ref.argmax(-1)
-        ref = decode_step(parts, ref_cache, token, length + step)
-        logits = decode_step(parts, cache, token, length + step)
-    assert torch.equal(logits, ref)
+    assert_same_as_fullkv(adapter_for(build_tiny(family)), prompt_ids(length, seed=6), FastKV(), steps=4)
 
 
 def test_floors_of_rate_derived_sizes():

@@ -115,10 +115,6 @@ class Preset(Method):
     def policy(self) -> CachePolicy:
         return self._parts.policy
 
-    @property
-    def spec(self) -> str:
-        return super().spec
-
 
 def preset(class_name: str, name: str, prototype: Composed, doc: str, paper: str = "") -> type[Preset]:
     """A frozen, keyword-only dataclass named `class_name` whose fields are the knobs of the prototype's

@@ -24,6 +24,7 @@ from .presets import PRESETS
 from .registry import KeepAll, NoReduction
 
 ROLES = ("reducer", "policy")
+PARTNER = {a: b for pair in EXCLUSIVE for a, b in (pair, pair[::-1])}
 Side = tuple[str, dict[str, Any]]
 
 
@@ -137,8 +138,7 @@ def _add(spec: str, sides: list[Side], extra: dict[str, Any], shared: bool) -> l
         for (name, knobs), role in zip(out, roles, strict=True):
             if key not in _knob_names(name, role, knobs):
                 continue
-            partner = {a: b for pair in EXCLUSIVE for a, b in (pair, pair[::-1])}.get(key)
-            if key in knobs or (shared and partner in knobs):
+            if key in knobs or (shared and PARTNER.get(key) in knobs):
                 if not shared:
                     raise ValueError(f"knob {key} is given twice: in {spec!r} and as an option")
                 continue
