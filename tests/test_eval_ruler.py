@@ -161,6 +161,16 @@ def test_end_to_end_ruler_eval_resumes(tiny_dir, tmp_path):
     assert len(more) == 2 * 2 * 2
     assert all("retain_rate=0.2" in r["method"] for r in more)
     assert len(json.loads((out / "metrics.json").read_text())) == 5
+    # Every method alone (its own prefill) answers exactly as from the shared prefill.
+    alone = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "alone"), "--separate"])
+    assert alone.exit_code == 0, alone.output
+    separate = [json.loads(line) for line in (tmp_path / "alone" / "predictions.jsonl").read_text().splitlines()]
+
+    def answers(rs):
+        return sorted((r["method"], r["task"], r["index"], r["prediction"], r.get("first_token_kl")) for r in rs)
+
+    assert answers(separate) == answers(rows)
+    assert all(r["prefill_shared_by"] == 1 for r in separate) and all(r["prefill_shared_by"] == 3 for r in rows)
 
 
 def test_eval_refuses_bad_numbers_and_a_missing_extra(tiny_dir, monkeypatch):

@@ -3,7 +3,7 @@
 from .adapters import Adapter, adapter_for
 from .cache import KVCache
 from .engine import PrefillTrace, decode_step, prefill
-from .generate import LLM, GenerationResult, GenerationStats, generate, stream
+from .generate import LLM, GenerationResult, GenerationStats, generate, generate_many, stream
 from .methods import (
     H2O,
     METHODS,
@@ -51,6 +51,7 @@ __all__ = [
     "adapter_for",
     "decode_step",
     "generate",
+    "generate_many",
     "load",
     "make_method",
     "make_methods",

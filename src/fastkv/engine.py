@@ -138,44 +138,26 @@ def run_pass(
     pos = torch.arange(n, device=input_ids.device).expand(b, n)
     cache = KVCache(prompt_len=prompt_len, max_new_tokens=max_new_tokens, position_base=n)
     trace = PrefillTrace(prompt_len=prompt_len)
-    hq, hkv, d = parts.num_heads, parts.num_kv_heads, parts.head_dim
     last_layer = parts.num_layers - 1
 
     h = parts.embed(input_ids)
     for i, layer in enumerate(parts.layers):
-        attn = layer.self_attn
         trace.tokens_per_layer.append(h.shape[1])
-        q, k, v = parts.qkv(attn, layer.input_layernorm(h))
-        cos, sin = parts.rope(h, pos)
-        q, k = parts.apply_rope(q, k, cos, sin)
-        state = LayerState(i, parts.num_layers, prompt_len, q, k, attn.scaling)
+        q, k, v = project(parts, layer, h, pos)
+        state = LayerState(i, parts.num_layers, prompt_len, q, k, layer.self_attn.scaling)
 
-        tokens = None
-        if i < last_layer or i == stop_at:  # after the last layer, nothing is left to propagate to
-            tokens = reducer.tokens(state)
-        if tokens is not None:
-            tokens = checked(tokens, f"{reducer.name} at layer {i}", state.present, b, hkv, ordered=True)
-            selected = tokens.indices[:, 0]
+        # After the last layer nothing is left to propagate to (unless the pass ends there).
+        selected = chosen_tokens(reducer, state) if i < last_layer or i == stop_at else None
+        if selected is not None:
             trace.propagated[i] = pos.gather(1, selected)
             if i == stop_at:
                 return Pass(cache, None, trace)
-        entries = policy.entries(state)
-        if entries is not None:
-            entries = checked(entries, f"{policy.name} at layer {i}", state.present, b, hkv, ordered=False)
-        _store(cache, k, v, pos, entries)
+        store(cache, state, policy, v, pos)
 
-        if i == last_layer:
-            # Only the last token's output is needed from the last layer: one query that sees every key.
-            out = attention(q[:, :, -1:], k, v, attn.scaling, causal=False)
-            h = h[:, -1:]
-        else:
-            out = attention(q, k, v, attn.scaling, causal=True)
-        h = h + attn.o_proj(out.transpose(1, 2).reshape(b, -1, hq * d))
-
-        if tokens is not None:
+        h = attend(parts, layer, h, q, k, v, last=i == last_layer)
+        if selected is not None:
             # MLPs work per token, so dropping tokens before this layer's MLP changes nothing for the kept.
-            h = h.gather(1, selected.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-            pos = trace.propagated[i]
+            h, pos = h.gather(1, selected.unsqueeze(-1).expand(-1, -1, h.shape[-1])), trace.propagated[i]
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         if on_layer is not None:
             on_layer(i)
@@ -184,21 +166,53 @@ def run_pass(
     return Pass(cache, logits, trace)
 
 
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, H, n, d] at token indices idx [B, H, k] -> [B, H, k, d]."""
-    return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+def chosen_tokens(reducer: Reducer, state: LayerState) -> torch.Tensor | None:
+    """The indices [B, T] of the tokens the reducer lets continue past this layer (checked), or None."""
+    tokens = reducer.tokens(state)
+    if tokens is None:
+        return None
+    b, hkv = state.k.shape[:2]
+    return checked(tokens, f"{reducer.name} at layer {state.index}", state.present, b, hkv, ordered=True).indices[:, 0]
 
 
-def _store(cache: KVCache, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, entries: Selection | None) -> None:
-    """Cache a layer's entries: all of them, or those `entries` names."""
+def project(parts: Adapter, layer, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q [B, Hq, n, d], k, v [B, Hkv, n, d] of hidden states h [B, n, D], rotated to positions pos [B, n]."""
+    q, k, v = parts.qkv(layer.self_attn, layer.input_layernorm(h))
+    cos, sin = parts.rope(h, pos)
+    q, k = parts.apply_rope(q, k, cos, sin)
+    return q, k, v
+
+
+def attend(parts: Adapter, layer, h: torch.Tensor, q, k, v, last: bool) -> torch.Tensor:
+    """h plus the layer's causal attention output; for the last layer only the last token's."""
+    b, hq, d = h.shape[0], parts.num_heads, parts.head_dim
+    if last:
+        # Only the last token's output is needed from the last layer: one query that sees every key.
+        out = attention(q[:, :, -1:], k, v, layer.self_attn.scaling, causal=False)
+        h = h[:, -1:]
+    else:
+        out = attention(q, k, v, layer.self_attn.scaling, causal=True)
+    return h + layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, -1, hq * d))
+
+
+def store(cache: KVCache, state: LayerState, policy: CachePolicy, v: torch.Tensor, pos: torch.Tensor) -> None:
+    """Ask the policy which of this layer's entries to cache, check its answer, and cache them."""
+    k = state.k
+    entries = policy.entries(state)
     b, hkv, n, _ = k.shape
     head_pos = pos.unsqueeze(1).expand(b, hkv, n)
     if entries is None:
         cache.store(k, v, head_pos)
         return
+    checked(entries, f"{policy.name} at layer {state.index}", n, b, hkv, ordered=False)
     idx = entries.indices.expand(b, hkv, -1)  # a selection for all heads applies to each
     valid = entries.valid.expand(b, hkv, -1) if entries.valid is not None else None
     cache.store(_take(k, idx), _take(v, idx), head_pos.gather(2, idx), valid)
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, H, n, d] at token indices idx [B, H, k] -> [B, H, k, d]."""
+    return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
 @torch.inference_mode()

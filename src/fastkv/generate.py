@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .adapters import adapter_for
-from .engine import decode_step, prefill
+from .cache import KVCache
+from .engine import PrefillTrace, decode_step, prefill
 from .methods import FastKV, Method, make_method
 
 
@@ -25,6 +26,7 @@ class GenerationStats:
     tokens_per_layer: list[int]  # tokens each layer computed on during prefill
     kv_bytes: int  # bytes of the cache after prefill
     kv_bytes_full: int  # bytes an uncompressed cache of the prompt takes
+    prefill_shared_by: int = 1  # methods that one shared prefill served (generate_many); its time is theirs
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -46,11 +48,6 @@ class GenerationResult:
     stats: GenerationStats
     method: str = field(default="")
     first_logits: torch.Tensor | None = field(default=None, repr=False)  # float32 [V]: the prompt's last position
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[int], chat: bool) -> list[int]:
@@ -133,23 +130,85 @@ def stream(
     method = make_method(method if method is not None else FastKV()).bind(parts.num_layers)
     ids = encode_prompt(tokenizer, prompt, chat)
     input_ids = torch.tensor([ids], device=parts.device)
+    start = _now(parts.device)
+    cache, logits, trace = prefill(parts, input_ids, method, max_new_tokens=max_new_tokens, on_layer=on_layer)
+    prefilled = Prefilled(method, len(ids), cache, logits, trace, _now(parts.device) - start)
+    return (yield from _decode(model, tokenizer, parts, prefilled, max_new_tokens, temperature, top_p, seed, stop))
+
+
+def generate_many(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int],
+    methods: Sequence[Method | str],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    chat: bool = False,
+) -> list[GenerationResult]:
+    """One result per method, as `generate` would give for each alone, from one shared prefill
+    (`fastkv.shared.prefill_many`). Each result's prefill_seconds is the shared prefill's time."""
+    from .shared import prefill_many
+
+    check_sampling(max_new_tokens, temperature, top_p)
+    parts = adapter_for(model)
+    bound = [make_method(m).bind(parts.num_layers) for m in methods]
+    ids = encode_prompt(tokenizer, prompt, chat)
+    start = _now(parts.device)
+    prefilled = prefill_many(parts, torch.tensor([ids], device=parts.device), bound, max_new_tokens)
+    seconds = _now(parts.device) - start
+    results = []
+    for method, (cache, logits, trace) in zip(bound, prefilled, strict=True):
+        done = Prefilled(method, len(ids), cache, logits, trace, seconds, shared_by=len(bound))
+        results.append(_drain(_decode(model, tokenizer, parts, done, max_new_tokens, temperature, top_p, seed, stop)))
+    return results
+
+
+@dataclass
+class Prefilled:
+    """What decoding starts from."""
+
+    method: Method  # bound
+    prompt_tokens: int
+    cache: KVCache
+    logits: torch.Tensor
+    trace: PrefillTrace
+    seconds: float
+    shared_by: int = 1
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _drain(pieces: Generator[str, None, GenerationResult], on_text: Callable[[str], None] | None = None):
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration as done:
+            return done.value
+        if on_text is not None:
+            on_text(piece)
+
+
+def _decode(
+    model, tokenizer, parts, p: Prefilled, max_new_tokens, temperature, top_p, seed, stop
+) -> Generator[str, None, GenerationResult]:
+    """Sample from the prefill's logits, then decode step by step until EOS, a stop string or the limit."""
     generator = None
     if seed is not None:
         generator = torch.Generator(device=parts.device).manual_seed(seed)
     eos = eos_ids(model, tokenizer)
     stops = [s for s in stop if s]
-
-    _sync(parts.device)
-    start = time.perf_counter()
-    cache, logits, trace = prefill(parts, input_ids, method, max_new_tokens=max_new_tokens, on_layer=on_layer)
-    _sync(parts.device)
-    prefill_seconds = time.perf_counter() - start
+    cache, logits = p.cache, p.logits
     kv_bytes, kv_bytes_full = cache.nbytes(), cache.full_nbytes()
-    first_logits = logits[0]
-
     out: list[int] = []
     text, emitted, finish, steps = "", 0, "length", 0
-    start = time.perf_counter()
+    start = _now(parts.device)
     for step in range(max_new_tokens):
         if step:
             token_ids = torch.tensor([out[-1]], device=parts.device)
@@ -169,27 +228,27 @@ def stream(
         if ready > emitted:
             yield text[emitted:ready]
             emitted = ready
-    _sync(parts.device)
-    decode_seconds = time.perf_counter() - start
+    decode_seconds = _now(parts.device) - start
     if len(text) > emitted:
         yield text[emitted:]
     return GenerationResult(
         text=text,
         token_ids=out,
         finish_reason=finish,
-        method=method.spec,
-        first_logits=first_logits,
+        method=p.method.spec,
+        first_logits=p.logits[0],
         stats=GenerationStats(
-            method=method.spec,
-            prompt_tokens=len(ids),
+            method=p.method.spec,
+            prompt_tokens=p.prompt_tokens,
             new_tokens=len(out),
-            prefill_seconds=prefill_seconds,
+            prefill_seconds=p.seconds,
             decode_seconds=decode_seconds,
             decode_steps=steps,
             kv_entries_per_layer=cache.kept_per_layer,
-            tokens_per_layer=trace.tokens_per_layer,
+            tokens_per_layer=p.trace.tokens_per_layer,
             kv_bytes=kv_bytes,
             kv_bytes_full=kv_bytes_full,
+            prefill_shared_by=p.shared_by,
         ),
     )
 
@@ -208,14 +267,7 @@ def generate(
     tokenizer's chat template), on_layer (prefill progress callback). `on_text` receives text as it
     is produced (streaming).
     """
-    pieces = stream(model, tokenizer, prompt, method, **options)
-    while True:
-        try:
-            piece = next(pieces)
-        except StopIteration as done:
-            return done.value
-        if on_text is not None:
-            on_text(piece)
+    return _drain(stream(model, tokenizer, prompt, method, **options), on_text)
 
 
 class LLM:
@@ -242,6 +294,10 @@ class LLM:
 
     def stream(self, prompt: str | Sequence[int], method: Method | str | None = None, **options) -> Iterator[str]:
         return stream(self.model, self.tokenizer, prompt, method, **options)
+
+    def generate_many(self, prompt: str | Sequence[int], methods: Sequence[Method | str], **options):
+        """One result per method from one shared prefill; see `generate_many`."""
+        return generate_many(self.model, self.tokenizer, prompt, methods, **options)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])

@@ -91,6 +91,9 @@ RETAIN = typer.Option(0.1, help="KV budget of every method that has one and does
 TSP = typer.Option(0.2, help="TSP rate of every method with TSP that does not set it")
 OUT = typer.Option(None, "--out", "-o", help="output directory (default: runs/<suite>)")
 LIMIT = typer.Option(None, help="answer at most N items per task (quick runs)")
+SEPARATE = typer.Option(
+    False, "--separate", help="run every method alone, to time its prefill (default: one prefill shared by all)"
+)
 
 
 @app.command()
@@ -105,6 +108,7 @@ def ruler(
     tsp_rate: float = TSP,
     out_dir: Path | None = OUT,
     limit: int | None = LIMIT,
+    separate: bool = SEPARATE,
     chat: bool = typer.Option(True, help="apply the chat template"),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
@@ -157,7 +161,9 @@ def ruler(
                     )
                 )
         settings = {"length": target, "chat": chat, "dtype": dtype, "seed": seed}
-        metrics = run(llm, model, f"{target}", runs, items, out_path, config, seed=seed, settings=settings)
+        metrics = run(
+            llm, model, f"{target}", runs, items, out_path, config, seed=seed, settings=settings, shared=not separate
+        )
     show(metrics, out_path)
 
 
@@ -170,6 +176,7 @@ def niah(
     retain_rate: float = RETAIN,
     tsp_rate: float = TSP,
     out_dir: Path | None = OUT,
+    separate: bool = SEPARATE,
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
 ) -> None:
@@ -201,7 +208,7 @@ def niah(
             )
         )
     config = {"suite": "niah", "grid": grid, "model": model, "dtype": dtype, "methods": list(runs)}
-    metrics = run(llm, model, "niah", runs, items, out_path, config, settings={"dtype": dtype})
+    metrics = run(llm, model, "niah", runs, items, out_path, config, settings={"dtype": dtype}, shared=not separate)
     rows = [json.loads(line) for line in (out_path / "predictions.jsonl").read_text().splitlines() if line]
     files = N.heatmaps([r for r in rows if r["model"] == model], out_path)
     show(metrics, out_path)
@@ -219,6 +226,7 @@ def longbench(
     tsp_rate: float = TSP,
     out_dir: Path | None = OUT,
     limit: int | None = LIMIT,
+    separate: bool = SEPARATE,
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
 ) -> None:
@@ -256,7 +264,7 @@ def longbench(
     }
     out_path = out_dir or Path("runs") / "longbench"
     settings = {"dtype": dtype, "max_length": max_length}
-    show(run(llm, model, "longbench", runs, items, out_path, config, settings=settings), out_path)
+    show(run(llm, model, "longbench", runs, items, out_path, config, settings=settings, shared=not separate), out_path)
 
 
 @app.command()

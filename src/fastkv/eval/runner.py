@@ -95,10 +95,13 @@ def run(
     progress: bool = True,
     seed: int = 0,
     settings: dict | None = None,
+    shared: bool = True,
 ) -> dict:
     """Answer every item under every method (FullKV first, for fidelity); return the metrics.
 
     `methods` maps canonical specs to bound methods; `settings` (JSON-able) is part of every result's key.
+    shared: one prefill serves all methods of an item (`generate_many`; the same answers, a fraction of
+    the time); each row's prefill_s is then the shared prefill's. False times every method alone.
     """
     from rich.progress import (
         BarColumn,
@@ -142,12 +145,22 @@ def run(
             full_key = (model_name, setting, tag, "fullkv", item.task, item.index)
             full_answer = done.get(full_key, {}).get("prediction")
             full_logits = torch.load(logits_path) if logits_path.exists() else None
-            for spec in labels:
+            pending = [
+                spec
+                for spec in labels
+                if (model_name, setting, tag, spec, item.task, item.index) not in done
+                or (spec == "fullkv" and full_logits is None and len(labels) > 1)
+            ]
+            if not pending:
+                continue
+            bar.update(task_id, description=f"{model_name} {setting} {item.task} {item.index}")
+            options = {"max_new_tokens": item.max_new_tokens, "seed": seed}
+            if shared:
+                results = llm.generate_many(ids, [methods[spec] for spec in pending], **options)
+            else:
+                results = [llm.generate(ids, methods[spec], **options) for spec in pending]
+            for spec, result in zip(pending, results, strict=True):  # FullKV first, when pending
                 key = (model_name, setting, tag, spec, item.task, item.index)
-                if key in done and not (spec == "fullkv" and full_logits is None and len(labels) > 1):
-                    continue
-                bar.update(task_id, description=f"{model_name} {setting} {methods[spec].name:>12} {item.task}")
-                result = llm.generate(ids, methods[spec], max_new_tokens=item.max_new_tokens, seed=seed)
                 s = result.stats
                 row = {
                     "model": model_name,
@@ -161,6 +174,7 @@ def run(
                     "score": item.scorer(result.text),
                     "prompt_tokens": s.prompt_tokens,
                     "prefill_s": round(s.prefill_seconds, 3),
+                    "prefill_shared_by": s.prefill_shared_by,
                     "decode_tok_s": round(s.decode_tokens_per_s, 3),
                     "kv_ratio": round(s.kv_ratio, 4),
                     **item.meta,
@@ -181,6 +195,10 @@ def run(
     return metrics
 
 
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def summarize(rows: list[dict]) -> dict:
     """{run label: {"tasks": {task: mean score %}, "average": ..., "agreement": %, "kl": mean}}."""
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -197,7 +215,8 @@ def summarize(rows: list[dict]) -> dict:
             "average": sum(tasks.values()) / len(tasks),
             "samples": len(group),
             "kv_ratio": sum(r["kv_ratio"] for r in group) / len(group),
-            "prefill_s": sum(r["prefill_s"] for r in group) / len(group),
+            # prefill time of a method alone; rows from a shared prefill do not tell it
+            "prefill_s": mean([r["prefill_s"] for r in group if r.get("prefill_shared_by", 1) == 1]),
         }
         compared = [r for r in group if "agrees_with_fullkv" in r]
         if compared:
@@ -222,7 +241,7 @@ def write_reports(out: Path, metrics: dict, config: dict, started: float | None)
                 f"{m['agreement']:.0f}" if "agreement" in m else "-",
                 f"{m['first_token_kl']:.4f}" if "first_token_kl" in m else "-",
                 f"{m['kv_ratio']:.3f}",
-                f"{m['prefill_s']:.1f}",
+                f"{m['prefill_s']:.1f}" if m["prefill_s"] is not None else "shared",
             ]
         )
     with open(out / "summary.csv", "w", newline="") as f:

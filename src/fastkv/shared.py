@@ -1,0 +1,91 @@
+"""One prefill for many methods: every layer computation the methods have in common is done once.
+
+Decode-only methods (SnapKV, PyramidKV, AdaKV, H2O, ...) compute exactly FullKV's prefill and differ only
+in what each layer caches; methods with the same reducer run the same layers until their token
+selections differ. `prefill_many` keeps one *branch* per distinct set of tokens present: each layer is
+projected, scored and attended once per branch, every member method's policy caches its own entries from
+it, and a branch splits where the members' reducers let different tokens through. Equal scorers are
+computed once per branch and layer (`LayerState.scores`). Every result is bit for bit what `prefill`
+gives for that method alone: the same operations on the same tensors.
+
+Multi-pass reducers (a filter-and-rerun) run on their own through `prefill`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import Adapter
+from .cache import KVCache
+from .engine import PrefillTrace, attend, check_prompt, chosen_tokens, prefill, project, store
+from .methods import LayerState, Method, Reducer
+
+
+@dataclass
+class Branch:
+    h: torch.Tensor  # hidden states [B, n, D] of the tokens present
+    pos: torch.Tensor  # their original positions [B, n]
+    members: list[int]  # indices of the methods that computed exactly this
+
+
+def single_pass(reducer: Reducer) -> bool:
+    return type(reducer).prefill is Reducer.prefill
+
+
+@torch.inference_mode()
+def prefill_many(
+    parts: Adapter, input_ids: torch.Tensor, methods: list[Method], max_new_tokens: int = 0
+) -> list[tuple[KVCache, torch.Tensor, PrefillTrace]]:
+    """Exactly `[prefill(parts, input_ids, m, max_new_tokens) for m in methods]`, computed once where shared."""
+    b, n = input_ids.shape
+    check_prompt(parts, n, max_new_tokens)
+    bound = [m.bind(parts.num_layers) for m in methods]
+    results: list = [None] * len(bound)
+    shared = [i for i, m in enumerate(bound) if single_pass(m.reducer)]
+    for i in set(range(len(bound))) - set(shared):
+        results[i] = prefill(parts, input_ids, bound[i], max_new_tokens)
+    caches = {i: KVCache(prompt_len=n, max_new_tokens=max_new_tokens, position_base=n) for i in shared}
+    traces = {i: PrefillTrace(prompt_len=n) for i in shared}
+    last = parts.num_layers - 1
+
+    branches = [Branch(parts.embed(input_ids), torch.arange(n, device=input_ids.device).expand(b, n), shared)]
+    for li, layer in enumerate(parts.layers):
+        split: list[Branch] = []
+        for br in branches if shared else []:
+            q, k, v = project(parts, layer, br.h, br.pos)
+            state = LayerState(li, parts.num_layers, n, q, k, layer.self_attn.scaling)
+            groups: list[tuple[torch.Tensor | None, list[int]]] = []
+            for i in br.members:
+                traces[i].tokens_per_layer.append(br.h.shape[1])
+                selected = chosen_tokens(bound[i].reducer, state) if li < last else None
+                same = [g for g in groups if _equal(g[0], selected)]
+                if same:
+                    same[0][1].append(i)
+                else:
+                    groups.append((selected, [i]))
+                store(caches[i], state, bound[i].policy, v, br.pos)
+            h = attend(parts, layer, br.h, q, k, v, last=li == last)
+            for selected, members in groups:
+                hg, pos = h, br.pos
+                if selected is not None:
+                    hg, pos = (
+                        h.gather(1, selected.unsqueeze(-1).expand(-1, -1, h.shape[-1])),
+                        br.pos.gather(1, selected),
+                    )
+                    for i in members:
+                        traces[i].propagated[li] = pos
+                split.append(Branch(hg + layer.mlp(layer.post_attention_layernorm(hg)), pos, members))
+        branches = split
+    for br in branches:
+        logits = parts.lm_head(parts.norm(br.h[:, -1:]))[:, -1].float()
+        for i in br.members:
+            results[i] = (caches[i], logits, traces[i])
+    return results
+
+
+def _equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool(torch.equal(a, b))
