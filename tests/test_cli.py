@@ -69,3 +69,17 @@ def test_a_device_that_is_not_there_is_refused(device):
     result = runner.invoke(app, ["generate", "--method", "fullkv", "--device", device, "-q", "hello"])
     assert result.exit_code == 2
     assert device.split(":")[0] in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget", "0"], "--budget must be in (0, 1]"),
+        (["--min-speedup", "-1"], "--min-speedup > 0"),
+        (["--candidates", "0"], "--candidates >= 1"),
+        (["no-such-model"], "unknown model"),
+    ],
+)
+def test_calibrate_refuses_bad_input(args, message):
+    result = runner.invoke(app, ["calibrate", *args])
+    assert result.exit_code == 2 and message in " ".join(result.output.split())

@@ -82,6 +82,7 @@ def generate(
     if not text:
         fail("no prompt: give --prompt-file, pipe text on stdin, or --question")
     llm = load_llm(model, dtype, device)
+    chosen, defaults = llm.method(method, **knobs)  # the model's calibrated FastKV defaults, if any
     progress, on_layer = prefill_progress(llm.parts.num_layers, f"prefill ({chosen.name})")
 
     def write(piece: str) -> None:
@@ -109,8 +110,9 @@ def generate(
         fail(str(e))
     write("\n")
     s = result.stats
+    source = f" (defaults: {defaults})" if defaults else ""
     err.print(
-        f"[dim]{s.method}\n{s.prompt_tokens} prompt tokens, prefill {s.prefill_seconds:.2f} s, "
+        f"[dim]{s.method}{source}\n{s.prompt_tokens} prompt tokens, prefill {s.prefill_seconds:.2f} s, "
         f"decode {rate(s.decode_tokens_per_s)} tok/s, KV {s.kv_bytes / 2**20:.1f} MiB "
         f"({100 * s.kv_ratio:.1f}% of full), {s.new_tokens} tokens, finish: {result.finish_reason}[/]",
         highlight=False,
@@ -135,7 +137,9 @@ def models() -> None:
 
 
 @app.command()
-def methods() -> None:
+def methods(
+    model: str | None = typer.Option(None, "--model", "-m", help="also say which FastKV defaults this model gets"),
+) -> None:
     """List the presets, the parts they are made of, and every knob with its default."""
     table = Table(title="presets (--method NAME, NAME(knob=value, ...) or REDUCER+POLICY)")
     for col in ("name", "reduces", "reducer", "cache policy", "knobs (defaults)", "paper"):
@@ -170,6 +174,16 @@ def methods() -> None:
     for name, (_, help) in knob_types().items():
         knobs.add_row(name, help)
     out.print(knobs)
+    if model is not None:
+        from .calibrate.profiles import find
+
+        profile = find(model)
+        if profile is None:
+            out.print(f"{model}: no calibrated profile; fastkv uses the paper's defaults (`fastkv calibrate {model}`)")
+        else:
+            out.print(
+                f"{model}: fastkv's defaults come from its {profile.source}:\n  {profile.record['chosen']['spec']}"
+            )
     out.print(
         "A knob written in NAME(...) on the left of + configures the reducer; on the right, the cache policy.\n"
         "None: not set. With neither retain_rate nor budget, retain_rate is 0.1; with neither tsp_rate nor "
@@ -180,6 +194,62 @@ def methods() -> None:
 def part_label(part) -> str:
     subs = [getattr(part, f.name).name for f in fields(part) if is_sub(f)]
     return part.name + (f" ({', '.join(subs)})" if subs else "")
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Argument(DEFAULT_MODEL, help="registered name, local dir, .gguf or HF id"),
+    budget: float = typer.Option(0.1, "--budget", help="the KV budget (retain rate) to calibrate at"),
+    min_speedup: float = typer.Option(1.6, help="least prefill speedup over FullKV at 8K tokens (predicted)"),
+    candidates: int = typer.Option(4, help="settings with the best recall that are run for fidelity"),
+    out_file: Path | None = typer.Option(None, "--out", help="profile file (default: the user's profile)"),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Find the FastKV settings that fit a model and save them as its profile (it resumes if stopped)."""
+    import json
+
+    from .calibrate.profiles import user_path
+    from .calibrate.prompts import NEEDLES, PER_KIND
+    from .calibrate.search import calibrate as run_calibration
+    from .models import cache_root
+
+    if not 0 < budget <= 1 or min_speedup <= 0 or candidates < 1:
+        fail("--budget must be in (0, 1], --min-speedup > 0 and --candidates >= 1")
+    llm = load_llm(model, dtype, device)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    )
+    with progress:
+        task = progress.add_task(f"calibrating {model}", total=2 * PER_KIND * len(NEEDLES))  # 2 stages
+        record = run_calibration(
+            llm,
+            model,
+            cache_root(),
+            retain_rate=budget,
+            min_speedup=min_speedup,
+            candidates=candidates,
+            on_step=lambda: progress.advance(task),
+        )
+    path = out_file or user_path(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    table = Table(
+        title=f"{model}: FastKV finalists at retain {budget} ({record['prompts']} prompts, {record['seconds']:.0f} s)"
+    )
+    for col in ("spec", "TSP recall", "agreement", "correct", "KL", "speedup 8K"):
+        table.add_column(col, overflow="fold")
+    for e in [record["snapkv"], *record["finalists"]]:
+        table.add_row(
+            e["spec"],
+            f"{e['tsp_recall']:.2f}" if "tsp_recall" in e else "-",
+            f"{e['agreement']:.2f}",
+            f"{e['correct']:.2f}",
+            f"{e['first_token_kl']:.3f}",
+            f"{e['predicted_speedup_8k']:.2f}" if "predicted_speedup_8k" in e else "-",
+        )
+    out.print(table)
+    out.print(f"chosen: {record['chosen']['spec']}\nprofile written to {path}")
 
 
 def run_demo_method(llm, method: Method, prompt: str, max_new_tokens: int):

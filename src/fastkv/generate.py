@@ -27,6 +27,7 @@ class GenerationStats:
     kv_bytes: int  # bytes of the cache after prefill
     kv_bytes_full: int  # bytes an uncompressed cache of the prompt takes
     prefill_shared_by: int = 1  # methods that one shared prefill served (generate_many); its time is theirs
+    defaults: str = ""  # where FastKV's defaults came from: "paper", or the model's calibrated profile
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -274,12 +275,18 @@ class LLM:
     """A loaded model and tokenizer, ready to generate under any method.
 
     >>> llm = LLM.load("qwen2.5-0.5b")
-    >>> llm.generate(long_prompt, method=FastKV(tsp_rate=0.2, retain_rate=0.1)).text
+    >>> llm.generate(long_prompt, method="fastkv(tsp_rate=0.2, retain_rate=0.1)").text
+
+    A method given as a spec string (or no method: "fastkv") takes the model's calibrated profile, if it
+    has one, as the defaults of the `fastkv` preset; `result.stats.defaults` says which were in force.
     """
 
     def __init__(self, model, tokenizer, name: str = "") -> None:
+        from .calibrate.profiles import find
+
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.parts = adapter_for(model)  # fail early on an unsupported family
+        self.profile = find(name)
 
     @classmethod
     def load(cls, name: str | None = None, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> LLM:
@@ -289,15 +296,36 @@ class LLM:
         model, tokenizer = load(name, dtype=dtype, device=device, progress=progress)
         return cls(model, tokenizer, name)
 
+    def method(self, method: Method | str | None = None, **knobs) -> tuple[Method, str]:
+        """The method a spec means for this model, and where FastKV's defaults came from."""
+        from .calibrate.profiles import PRESET
+        from .methods.spec import uses_defaults
+
+        spec = method if method is not None else PRESET
+        if not uses_defaults(spec, PRESET):
+            return make_method(spec, **knobs), ""
+        if self.profile is None:
+            return make_method(spec, **knobs), "paper"
+        return make_method(spec, defaults={PRESET: self.profile.knobs}, **knobs), self.profile.source
+
     def generate(self, prompt: str | Sequence[int], method: Method | str | None = None, **options) -> GenerationResult:
-        return generate(self.model, self.tokenizer, prompt, method, **options)
+        return _drain(
+            self.stream(prompt, method, **{k: v for k, v in options.items() if k != "on_text"}), options.get("on_text")
+        )
 
     def stream(self, prompt: str | Sequence[int], method: Method | str | None = None, **options) -> Iterator[str]:
-        return stream(self.model, self.tokenizer, prompt, method, **options)
+        chosen, source = self.method(method)
+        result = yield from stream(self.model, self.tokenizer, prompt, chosen, **options)
+        result.stats.defaults = source
+        return result
 
     def generate_many(self, prompt: str | Sequence[int], methods: Sequence[Method | str], **options):
         """One result per method from one shared prefill; see `generate_many`."""
-        return generate_many(self.model, self.tokenizer, prompt, methods, **options)
+        chosen = [self.method(m) for m in methods]
+        results = generate_many(self.model, self.tokenizer, prompt, [m for m, _ in chosen], **options)
+        for result, (_, source) in zip(results, chosen, strict=True):
+            result.stats.defaults = source
+        return results
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])

@@ -163,8 +163,12 @@ def _assemble(spec: str, sides: list[Side]) -> Method:
     return Composed(reducer=_part(left, "reducer", lk, spec), policy=_part(right, "policy", rk, spec))
 
 
-def make_method(spec: str | Method, **knobs) -> Method:
-    """A method from a spec string, with more knobs given apart (None values mean 'not given')."""
+def make_method(spec: str | Method, defaults: dict[str, dict] | None = None, **knobs) -> Method:
+    """A method from a spec string, with more knobs given apart (None values mean 'not given').
+
+    defaults: {preset name: knobs} that fill what a side of that name leaves unset (a model's calibrated
+    profile for "fastkv"); knobs in the spec or given here win.
+    """
     if isinstance(spec, Method):
         if any(v is not None for v in knobs.values()):
             raise ValueError("knobs go into the spec string, or into the method's constructor")
@@ -172,7 +176,20 @@ def make_method(spec: str | Method, **knobs) -> Method:
     parsed = parse_specs(spec)
     if len(parsed) != 1:
         raise ValueError(f"{spec!r} names {len(parsed)} methods; one is expected here")
-    return _assemble(spec, _add(spec, parsed[0], knobs, shared=False))
+    sides = _add(spec, parsed[0], knobs, shared=False)
+    for name, extra in (defaults or {}).items():
+        for j, (side, side_knobs) in enumerate(sides):
+            if side != name or j == 1:  # the left side, or the only one
+                continue
+            if len(sides) == 2:  # a combination takes this preset's reducer knobs only
+                extra = {k: v for k, v in extra.items() if k in _knob_names(name, "reducer", side_knobs)}
+            sides[j] = _add(spec, [sides[j]], extra, shared=True)[0]
+    return _assemble(spec, sides)
+
+
+def uses_defaults(spec: str | Method, name: str) -> bool:
+    """Whether a spec string has a side named `name` (that a profile's defaults would fill)."""
+    return isinstance(spec, str) and any(side[0] == name for side in parse_specs(spec)[0])
 
 
 def make_methods(text: str, **shared) -> list[Method]:
