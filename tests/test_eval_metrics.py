@@ -107,3 +107,22 @@ def test_longbench_prompts_from_files(tmp_path):
     assert "Story: Some story." in example.prompt and "Question: What is it?" in example.prompt
     assert example.max_new_tokens == 128 and example.chat
     assert longbench.score(example, "A dog.") == 1.0
+
+
+def test_paired_difference_by_hand():
+    from fastkv.eval.paired import paired_difference, reference_for
+
+    def rows(scores):
+        return [{"task": t, "index": i, "score": s} for t, values in scores.items() for i, s in enumerate(values)]
+
+    method = rows({"a": [1, 0], "b": [1], "c": [1]})
+    ref = rows({"a": [0, 0], "b": [1]})  # task c has no pair: left out
+    d = paired_difference(method, ref)
+    # a: differences 100 and 0 (mean 50), b: 0 -> macro 25; resampling a gives 0, 50 or 100 -> 0 .. 50
+    assert d == {"diff": 25.0, "low": 0.0, "high": 50.0, "pairs": 3}
+    assert paired_difference(method, []) is None
+    specs = ["fullkv", "snapkv(retain_rate=0.1, window_size=8)", "snapkv(retain_rate=0.25, window_size=8)"]
+    assert reference_for("fastkv(tsp_rate=0.2, retain_rate=0.25)", specs, "snapkv") == specs[2]
+    assert reference_for("fastkv(tsp_rate=0.2)+adakv(budget=64)", specs, "snapkv") == specs[1]  # no match: first
+    assert reference_for("adakv(retain_rate=0.1)", specs, "fullkv") == "fullkv"
+    assert reference_for("adakv(retain_rate=0.1)", specs[:1], "snapkv") is None

@@ -142,8 +142,9 @@ def ruler(
     metrics = {}
     for target in lengths:
         items = []
-        for task in chosen:
-            for index in range(count):
+        # Sample 0 of every task first, then sample 1, ...: a run stopped early covers every task.
+        for index in range(count):
+            for task in chosen:
                 try:
                     sample = R.generate(task, llm.tokenizer, target, seed=seed, index=index, chat=chat)
                 except (ValueError, DataNotInstalledError) as e:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..methods import FullKV, Method
+from .paired import paired_difference, reference_for
 
 
 @dataclass
@@ -222,15 +223,29 @@ def summarize(rows: list[dict]) -> dict:
         if compared:
             entry["agreement"] = 100 * sum(r["agrees_with_fullkv"] for r in compared) / len(compared)
             entry["first_token_kl"] = sum(r["first_token_kl"] for r in compared) / len(compared)
+        # paired differences against FullKV and SnapKV run on the same samples and settings
+        context = [r for r in rows if run_label(r).rsplit(" | ", 1)[0] == label.rsplit(" | ", 1)[0]]
+        specs = list(dict.fromkeys(r["method"] for r in context))
+        for preset in ("fullkv", "snapkv"):
+            ref = reference_for(group[0]["method"], specs, preset)
+            if ref is not None and ref != group[0]["method"]:
+                diff = paired_difference(group, [r for r in context if r["method"] == ref])
+                if diff is not None:
+                    entry[f"vs_{preset}"] = diff
         out[label] = entry
     return out
+
+
+def interval(diff: dict | None) -> str:
+    return "-" if diff is None else f"{diff['diff']:+.1f} [{diff['low']:+.1f}, {diff['high']:+.1f}]"
 
 
 def write_reports(out: Path, metrics: dict, config: dict, started: float | None) -> None:
     """Write metrics.json, summary.md/.csv and run.json; `started` None rebuilds without adding time."""
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     tasks = sorted({t for m in metrics.values() for t in m["tasks"]})
-    header = ["model", "setting", "method", *tasks, "average", "agreement %", "first-token KL", "KV share", "prefill s"]
+    header = ["model", "setting", "method", *tasks, "average", "vs SnapKV [95% CI]", "vs FullKV [95% CI]"]
+    header += ["agreement %", "first-token KL", "KV share", "prefill s"]
     rows = []
     for label, m in metrics.items():
         rows.append(
@@ -238,6 +253,8 @@ def write_reports(out: Path, metrics: dict, config: dict, started: float | None)
             + [f"{m['tasks'][t]:.1f}" if t in m["tasks"] else "" for t in tasks]
             + [
                 f"{m['average']:.1f}",
+                interval(m.get("vs_snapkv")),
+                interval(m.get("vs_fullkv")),
                 f"{m['agreement']:.0f}" if "agreement" in m else "-",
                 f"{m['first_token_kl']:.4f}" if "first_token_kl" in m else "-",
                 f"{m['kv_ratio']:.3f}",

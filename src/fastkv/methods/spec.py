@@ -129,6 +129,9 @@ def _add(spec: str, sides: list[Side], extra: dict[str, Any], shared: bool) -> l
     shared=True (one setting for many methods): it goes only where the spec sets neither it nor its
     exclusive partner (retain_rate/budget, tsp_rate/tsp_len), and nowhere else.
     """
+    for name, _ in sides:
+        if name not in names():
+            raise ValueError(f"unknown method {name!r}: choose one of {names()}")
     roles = [None] if len(sides) == 1 else list(ROLES)
     out = [(name, dict(knobs)) for name, knobs in sides]
     for key, value in extra.items():
