@@ -107,6 +107,17 @@ def test_cli_default_method_leaves_a_short_chat_prompt_exact(tmp_path):
     assert default.stdout.strip() and default.stdout == full.stdout
 
 
+def test_default_method_uses_the_shipped_profile_on_a_7_digit_passkey(llm):
+    """No method knobs: FastKV with qwen2.5-0.5b's calibrated defaults returns the exact 7-digit key."""
+    assert llm.profile is not None and llm.profile.path.endswith("profiles/qwen2.5-0.5b.json")
+    needle = passkey_prompt(llm.tokenizer, 4096, depth=0.5, seed=11, digits=7)
+    result = llm.generate(needle.text, max_new_tokens=12, chat=True)
+    assert len(needle.answer) == 7 and result.text.strip() == needle.answer, result.text
+    assert result.stats.defaults.startswith("profile qwen2.5-0.5b")
+    for knob, value in llm.profile.knobs.items():
+        assert f"{knob}={value!r}" in result.method
+
+
 def needle_positions(tokenizer, prompt: str, answer: str) -> set[int]:
     """Token positions of the first occurrence of the passkey in the prompt."""
     enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)

@@ -67,7 +67,7 @@ def generate(
 ) -> None:
     """Generate a completion for a long context (from a file or stdin), streaming it to stdout."""
     try:
-        chosen = make_method(method, **knobs)
+        make_method(method, **knobs)  # fail fast, before loading the model
     except ValueError as e:
         fail(str(e))
     if prompt_file is not None:
@@ -82,7 +82,10 @@ def generate(
     if not text:
         fail("no prompt: give --prompt-file, pipe text on stdin, or --question")
     llm = load_llm(model, dtype, device)
-    chosen, defaults = llm.method(method, **knobs)  # the model's calibrated FastKV defaults, if any
+    try:
+        chosen, defaults = llm.method(method, **knobs)  # with the model's calibrated FastKV defaults, if any
+    except ValueError as e:
+        fail(f"{e} (with the defaults of {llm.profile.source})" if llm.profile else str(e))
     progress, on_layer = prefill_progress(llm.parts.num_layers, f"prefill ({chosen.name})")
 
     def write(piece: str) -> None:

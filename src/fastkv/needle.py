@@ -29,11 +29,14 @@ class Passkey:
         return self.answer in output
 
 
-def passkey_prompt(tokenizer, n_tokens: int, depth: float = 0.5, seed: int = 0) -> Passkey:
-    """A passkey prompt whose chat-formatted token count is close to (at most) n_tokens."""
+def passkey_prompt(tokenizer, n_tokens: int, depth: float = 0.5, seed: int = 0, digits: int = 5) -> Passkey:
+    """A passkey prompt whose chat-formatted token count is close to (at most) n_tokens, with a key of
+    `digits` digits."""
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    key = str(random.Random(seed).randint(10000, 99999))
+    if not 1 <= digits <= 30:
+        raise ValueError(f"digits must be in 1..30, got {digits}")
+    key = str(random.Random(seed).randint(10 ** (digits - 1), 10**digits - 1))
     needle = NEEDLE.format(key=key)
 
     def build(repeats: int) -> str:

@@ -38,6 +38,7 @@ from .prompts import LENGTHS, PER_KIND, Prompt, prompt_set
 
 KERNELS, POOLINGS, WINDOWS, RATES = (7, 11, 13, 17), ("max", "avg"), (8, 16), (0.1, 0.2, 0.3)
 SPEED_AT = 8192  # the prompt length the speedup is predicted for
+ANSWER_TOKENS = 40  # room for the longest answer (a UUID is about 30 tokens where digits are tokens)
 
 
 @dataclass(frozen=True)
@@ -230,10 +231,12 @@ def calibrate(
     specs = [m.bind(n_layers).spec for m in methods]
 
     for i, p in enumerate(prompts):  # stage 2: fidelity of the finalists (and SnapKV, for reference)
-        row = work.get(2, i) or {"stage": 2, "prompt": i, "answer": p.answer, "results": {}}
+        row = work.get(2, i)
+        if row is None or row.get("max_new_tokens") != ANSWER_TOKENS:
+            row = {"stage": 2, "prompt": i, "answer": p.answer, "max_new_tokens": ANSWER_TOKENS, "results": {}}
         missing = [m for m, spec in zip(methods, specs, strict=True) if spec not in row["results"]]
         if missing:
-            full, *results = llm.generate_many(p.text, ["fullkv", *missing], max_new_tokens=24, chat=True)
+            full, *results = llm.generate_many(p.text, ["fullkv", *missing], max_new_tokens=ANSWER_TOKENS, chat=True)
             row["fullkv"] = full.text
             for r in results:
                 row["results"][r.method] = {

@@ -30,6 +30,8 @@ REGISTRY: dict[str, dict[str, type[Part]]] = {"reducer": {}, "policy": {}, "scor
 EXCLUSIVE = (("retain_rate", "budget"), ("tsp_rate", "tsp_len"))
 # Below these, rate-derived sizes are raised: a short prompt (a chat turn) is left uncompressed.
 MIN_BUDGET, MIN_TSP_LEN = 256, 512
+# The paper's rates, used where neither a rate nor a count is given.
+RETAIN_RATE, TSP_RATE = 0.1, 0.2
 
 
 def knob(default: Any, help: str, **kw) -> Any:
@@ -315,7 +317,7 @@ class Budgeted(CachePolicy):
     def bind(self, num_layers: int) -> Budgeted:
         bound = super().bind(num_layers)
         if self.budget is None and self.retain_rate is None:
-            return replace(bound, retain_rate=0.1)
+            return replace(bound, retain_rate=RETAIN_RATE)
         return bound
 
     def always_kept(self) -> int:
@@ -325,5 +327,5 @@ class Budgeted(CachePolicy):
         return "the last token"
 
     def kv_budget(self, prompt_len: int) -> int:
-        rate = 0.1 if self.retain_rate is None else self.retain_rate
+        rate = RETAIN_RATE if self.retain_rate is None else self.retain_rate
         return sized(self.budget, rate, prompt_len, max(self.always_kept(), self.min_budget))

@@ -7,7 +7,18 @@ from dataclasses import dataclass, replace
 import torch
 
 from ...scoring import top_with_window
-from ..base import MIN_BUDGET, LayerState, Reducer, Selection, check_exclusive, check_int, check_layer, knob, sized
+from ..base import (
+    MIN_BUDGET,
+    RETAIN_RATE,
+    LayerState,
+    Reducer,
+    Selection,
+    check_exclusive,
+    check_int,
+    check_layer,
+    knob,
+    sized,
+)
 from ..scorers.last_query import LastQuery
 from .none import NoReduction
 
@@ -44,7 +55,7 @@ class FilterRerun(Reducer):
     def bind(self, num_layers: int) -> FilterRerun:
         check_layer(self, "filter_layer", num_layers)
         layer = self.filter_layer if self.filter_layer is not None else min(num_layers - 1, round(13 * num_layers / 32))
-        rate = 0.1 if self.retain_rate is None and self.budget is None else self.retain_rate
+        rate = RETAIN_RATE if self.retain_rate is None and self.budget is None else self.retain_rate
         return replace(self, filter_layer=layer, retain_rate=rate)
 
     def scorer(self) -> LastQuery:
@@ -54,7 +65,7 @@ class FilterRerun(Reducer):
         return self.window_size
 
     def tokens(self, layer: LayerState) -> Selection | None:
-        rate = 0.1 if self.retain_rate is None else self.retain_rate
+        rate = RETAIN_RATE if self.retain_rate is None else self.retain_rate
         keep = sized(self.budget, rate, layer.prompt_len, max(self.window_size, self.min_budget))
         if layer.index != self.filter_layer or layer.present <= keep:
             return None

@@ -5,7 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ...scoring import top_with_window
-from ..base import MIN_TSP_LEN, LayerState, Reducer, Selection, check_exclusive, check_int, check_layer, knob, sized
+from ..base import (
+    MIN_TSP_LEN,
+    TSP_RATE,
+    LayerState,
+    Reducer,
+    Selection,
+    check_exclusive,
+    check_int,
+    check_layer,
+    knob,
+    sized,
+)
 from ..scorers.window import ObservationWindow
 
 
@@ -39,14 +50,14 @@ class TSP(ObservationWindow, Reducer):
     def bind(self, num_layers: int) -> TSP:
         check_layer(self, "tsp_layer", num_layers)
         layer = self.tsp_layer if self.tsp_layer is not None else max(0, num_layers // 2 - 1)
-        rate = 0.2 if self.tsp_rate is None and self.tsp_len is None else self.tsp_rate
+        rate = TSP_RATE if self.tsp_rate is None and self.tsp_len is None else self.tsp_rate
         return replace(self, tsp_layer=layer, tsp_rate=rate)
 
     def tail(self) -> int:
         return self.window_size
 
     def tsp_tokens(self, prompt_len: int) -> int:
-        rate = 0.2 if self.tsp_rate is None else self.tsp_rate
+        rate = TSP_RATE if self.tsp_rate is None else self.tsp_rate
         return sized(self.tsp_len, rate, prompt_len, max(self.window_size, self.min_tsp_len))
 
     def tokens(self, layer: LayerState) -> Selection | None:
