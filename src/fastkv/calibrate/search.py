@@ -176,6 +176,7 @@ def calibrate(
     n_layers = parts.num_layers
     settings = grid(n_layers)
     paper = Setting(max(0, n_layers // 2 - 1), 7, "max", 8, 0.2)
+    lengths = tuple(min(n, parts.max_positions - ANSWER_TOKENS) for n in lengths)  # room for the answer
     prompts = prompt_set(tokenizer, lengths, per_kind)
     config = {
         "retain_rate": retain_rate,
