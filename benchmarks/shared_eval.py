@@ -18,6 +18,7 @@ import torch
 
 from fastkv import LLM
 from fastkv.eval import ruler
+from fastkv.methods import make_method
 
 
 def timed(fn):
@@ -39,10 +40,11 @@ def main() -> None:
     text = ruler.render(llm.tokenizer, sample.input, sample.answer_prefix, True)
     ids = llm.tokenizer(text, add_special_tokens=False)["input_ids"]
     r = args.retain_rate
-    calibrated, source = llm.method("fastkv")
+    calibrated, source = llm.method(f"fastkv(retain_rate={r})")
+    # Method objects, so that no profile applies: fastkv here is the paper's
     specs = ["fullkv", f"snapkv(retain_rate={r})", f"adakv(retain_rate={r})", f"pyramidkv(retain_rate={r})"]
-    specs += [f"gemfilter(retain_rate={r})", f"fastkv(retain_rate={r})"]
-    methods = [*specs, calibrated if source != "paper" else f"fastkv(retain_rate={r}, kernel_size=13)"]
+    methods = [make_method(s) for s in [*specs, f"gemfilter(retain_rate={r})", f"fastkv(retain_rate={r})"]]
+    methods.append(calibrated if source != "paper" else make_method(f"fastkv(retain_rate={r}, kernel_size=13)"))
     options = {"max_new_tokens": sample.max_new_tokens}
     print(f"# {args.model} {args.dtype}, {torch.get_num_threads()} threads, RULER {args.task}, {len(ids)} tokens")
     print(f"# calibrated fastkv: {source or 'none'}")
