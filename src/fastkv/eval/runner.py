@@ -127,6 +127,7 @@ def run(
     labels = ["fullkv"] + [m for m in methods if m != "fullkv"]
     methods = {"fullkv": methods.get("fullkv", FullKV()), **methods}
     started = time.time()
+    update_record(out, config, started, new_command=True)
     todo = sum((model_name, setting, tag, m, it.task, it.index) not in done for it in items for m in labels)
     columns = (
         TextColumn("{task.description}"),
@@ -266,17 +267,26 @@ def write_reports(out: Path, metrics: dict, config: dict, started: float | None)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # labels hold no "|" here
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+    if started is not None or not (out / "run.json").exists():
+        update_record(out, config, started, new_command=False)
+
+
+def update_record(out: Path, config: dict, started: float | None, new_command: bool) -> None:
+    """run.json: the commands that added to this directory, versions, machine, and the time spent.
+
+    A run records its command when it starts (so that a stopped run still says how it was made) and adds
+    its duration when it ends.
+    """
     previous = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-    if started is None and previous:
-        return
     now = time.time()
+    commands = previous.get("commands", [])
     record = {
         # every invocation that added to this directory, in order (a resume with more methods adds one)
-        "commands": [*previous.get("commands", []), " ".join(sys.argv)],
+        "commands": [*commands, " ".join(sys.argv)] if new_command or not commands else commands,
         "config": config,
         "versions": versions(),
         "machine": machine(),
         "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started or now))),
-        "duration_s": previous.get("duration_s", 0.0) + (now - (started or now)),
+        "duration_s": previous.get("duration_s", 0.0) + (0 if new_command else now - (started or now)),
     }
     (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
