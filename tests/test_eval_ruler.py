@@ -143,17 +143,32 @@ def test_end_to_end_ruler_eval_resumes(tiny_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {f"{tiny_dir} | 1024 float32 | {m}" for m in specs}
     assert "agreement" in metrics[f"{tiny_dir} | 1024 float32 | {specs[1]}"]
-    summary = (out / "summary.md").read_text().splitlines()
-    assert summary[0].startswith("| model | setting | method | niah_single_1 | qa_1 | average |")
-    assert len(summary) == 2 + 3 and all(line.count("|") == summary[0].count("|") for line in summary)
+    text = (out / "summary.md").read_text()
+    compact, per_task = (part.split("\n\n", 1)[1].strip().splitlines() for part in text.split("## ")[1:])
+    assert compact[0].startswith("| setting | method | average | vs SnapKV [95% CI] |")
+    assert [line.split(" | ")[1] for line in compact[2:]] == ["fastkv(kernel_size=13)", "fullkv", "snapkv"]
+    assert per_task[0].startswith("| model | setting | method | niah_single_1 | qa_1 | average |")
+    for table in (compact, per_task):
+        assert len(table) == 2 + 3 and all(line.count("|") == table[0].count("|") for line in table)
     assert (out / "summary.csv").exists()
     record = json.loads((out / "run.json").read_text())
     assert record["versions"]["torch"] and record["machine"]["cpus"] and record["duration_s"] > 0
     assert record["config"]["samples"] == 2
-    # A second run finds everything done and adds nothing.
+    # The shared run timed each method's prefill alone, once, on its first item (niah_single_1 #0).
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings) == set(metrics)
+    for t in timings.values():
+        assert t["prefill_s"] > 0 and t["item"] == "niah_single_1/0" and t["prompt_tokens"] <= 1024
+    for label, m in metrics.items():
+        assert m["prefill_s"] == timings[label]["prefill_s"]
+        full = timings[label.rsplit(" | ", 1)[0] + " | fullkv"]["prefill_s"]
+        assert m["prefill_speedup"] == pytest.approx(full / m["prefill_s"])
+    assert per_task[0].endswith("| prefill s | prefill x FullKV |") and "shared" not in text
+    # A second run finds everything done and adds nothing, not even timings.
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert len((out / "predictions.jsonl").read_text().splitlines()) == len(rows)
+    assert json.loads((out / "timings.json").read_text()) == timings
     # Another KV budget is another method: computed anew and labelled apart; FullKV's results are reused.
     other = CliRunner().invoke(app, [*args, "--retain-rate", "0.2"])
     assert other.exit_code == 0, other.output
@@ -161,6 +176,7 @@ def test_end_to_end_ruler_eval_resumes(tiny_dir, tmp_path):
     assert len(more) == 2 * 2 * 2
     assert all("retain_rate=0.2" in r["method"] for r in more)
     assert len(json.loads((out / "metrics.json").read_text())) == 5
+    assert len(json.loads((out / "timings.json").read_text())) == 5  # the new budgets timed beside FullKV
     # Every method alone (its own prefill) answers exactly as from the shared prefill.
     alone = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "alone"), "--separate"])
     assert alone.exit_code == 0, alone.output
@@ -171,6 +187,26 @@ def test_end_to_end_ruler_eval_resumes(tiny_dir, tmp_path):
 
     assert answers(separate) == answers(rows)
     assert all(r["prefill_shared_by"] == 1 for r in separate) and all(r["prefill_shared_by"] == 3 for r in rows)
+    assert not (tmp_path / "alone" / "timings.json").exists()  # separate rows time themselves
+
+
+def test_summaries_take_prefill_times_from_unshared_rows_else_timings():
+    from fastkv.eval.runner import summarize
+
+    def row(method, index, shared_by, seconds):
+        return {
+            "model": "m", "setting": "4096", "settings": {"dtype": "float32"}, "method": method, "task": "t",
+            "index": index, "score": 1.0, "kv_ratio": 1.0, "prefill_s": seconds, "prefill_shared_by": shared_by,
+        }  # fmt: skip
+
+    rows = [row("fullkv", 0, 2, 9.0), row("snapkv", 0, 2, 9.0), row("fullkv", 1, 1, 10.0), row("fullkv", 2, 1, 12.0)]
+    timings = {"m | 4096 float32 | fullkv": {"prefill_s": 50.0}, "m | 4096 float32 | snapkv": {"prefill_s": 4.4}}
+    metrics = summarize(rows, timings)
+    assert metrics["m | 4096 float32 | fullkv"]["prefill_s"] == 11.0  # its own unshared rows win
+    assert metrics["m | 4096 float32 | fullkv"]["prefill_speedup"] == 1.0
+    assert metrics["m | 4096 float32 | snapkv"]["prefill_s"] == 4.4
+    assert metrics["m | 4096 float32 | snapkv"]["prefill_speedup"] == pytest.approx(2.5)
+    assert "prefill_speedup" not in summarize(rows[1:2])["m | 4096 float32 | snapkv"]  # no time, no ratio
 
 
 def test_eval_refuses_bad_numbers_and_a_missing_extra(tiny_dir, monkeypatch):

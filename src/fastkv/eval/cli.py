@@ -68,7 +68,7 @@ def bound(methods: list[Method], llm) -> dict[str, Method]:
 def show(metrics: dict, out_dir: Path) -> None:
     tasks = sorted({t for m in metrics.values() for t in m["tasks"]})
     table = Table(title=f"results in {out_dir}")
-    for col in ["run", *tasks, "avg", "agree %", "KL"]:
+    for col in ["run", *tasks, "avg", "agree %", "KL", "prefill x"]:
         table.add_column(col, justify="left" if col == "run" else "right")
     for label, m in metrics.items():
         table.add_row(
@@ -77,6 +77,7 @@ def show(metrics: dict, out_dir: Path) -> None:
             f"{m['average']:.1f}",
             f"{m['agreement']:.0f}" if "agreement" in m else "-",
             f"{m['first_token_kl']:.3f}" if "first_token_kl" in m else "-",
+            f"{m['prefill_speedup']:.2f}" if "prefill_speedup" in m else "-",
         )
     out.print(table)
 
@@ -94,6 +95,9 @@ LIMIT = typer.Option(None, help="answer at most N items per task (quick runs)")
 SEPARATE = typer.Option(
     False, "--separate", help="run every method alone, to time its prefill (default: one prefill shared by all)"
 )
+TIME_PREFILL = typer.Option(
+    True, help="with a shared prefill: time each method's prefill alone once, side by side (timings.json)"
+)
 
 
 @app.command()
@@ -109,6 +113,7 @@ def ruler(
     out_dir: Path | None = OUT,
     limit: int | None = LIMIT,
     separate: bool = SEPARATE,
+    time_prefill: bool = TIME_PREFILL,
     chat: bool = typer.Option(True, help="apply the chat template"),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
@@ -163,7 +168,17 @@ def ruler(
                 )
         settings = {"length": target, "chat": chat, "dtype": dtype, "seed": seed}
         metrics = run(
-            llm, model, f"{target}", runs, items, out_path, config, seed=seed, settings=settings, shared=not separate
+            llm,
+            model,
+            f"{target}",
+            runs,
+            items,
+            out_path,
+            config,
+            seed=seed,
+            settings=settings,
+            shared=not separate,
+            time_prefill=time_prefill,
         )
     show(metrics, out_path)
 
@@ -178,6 +193,7 @@ def niah(
     tsp_rate: float = TSP,
     out_dir: Path | None = OUT,
     separate: bool = SEPARATE,
+    time_prefill: bool = TIME_PREFILL,
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
 ) -> None:
@@ -209,7 +225,19 @@ def niah(
             )
         )
     config = {"suite": "niah", "grid": grid, "model": model, "dtype": dtype, "methods": list(runs)}
-    metrics = run(llm, model, "niah", runs, items, out_path, config, settings={"dtype": dtype}, shared=not separate)
+    settings = {"dtype": dtype}
+    metrics = run(
+        llm,
+        model,
+        "niah",
+        runs,
+        items,
+        out_path,
+        config,
+        settings=settings,
+        shared=not separate,
+        time_prefill=time_prefill,
+    )
     rows = [json.loads(line) for line in (out_path / "predictions.jsonl").read_text().splitlines() if line]
     files = N.heatmaps([r for r in rows if r["model"] == model], out_path)
     show(metrics, out_path)
@@ -228,6 +256,7 @@ def longbench(
     out_dir: Path | None = OUT,
     limit: int | None = LIMIT,
     separate: bool = SEPARATE,
+    time_prefill: bool = TIME_PREFILL,
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
 ) -> None:
@@ -265,19 +294,47 @@ def longbench(
     }
     out_path = out_dir or Path("runs") / "longbench"
     settings = {"dtype": dtype, "max_length": max_length}
-    show(run(llm, model, "longbench", runs, items, out_path, config, settings=settings, shared=not separate), out_path)
+    metrics = run(
+        llm,
+        model,
+        "longbench",
+        runs,
+        items,
+        out_path,
+        config,
+        settings=settings,
+        shared=not separate,
+        time_prefill=time_prefill,
+    )
+    show(metrics, out_path)
 
 
 @app.command()
 def report(out_dir: Path = typer.Argument(..., help="an evaluation output directory")) -> None:
     """Rebuild metrics.json and the summaries of a run from its predictions.jsonl (e.g. after a stop)."""
     from .runner import summarize, write_reports
+    from .timing import load
 
     path = out_dir / "predictions.jsonl"
     if not path.is_file():
         fail(f"{path} not found")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     record = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").exists() else {}
-    metrics = summarize(rows)
+    metrics = summarize(rows, load(out_dir))
     write_reports(out_dir, metrics, record.get("config", {}), started=None)
     show(metrics, out_dir)
+
+
+@app.command()
+def pareto(out_dir: Path = typer.Argument(..., help="an evaluation directory (methods at several budgets)")) -> None:
+    """Plot average score against measured prefill time and against KV bytes, one line per method."""
+    from .pareto import pareto as plot
+
+    path = out_dir / "metrics.json"
+    if not path.is_file():
+        fail(f"{path} not found: run an evaluation into {out_dir} first (or `fastkv eval report` it)")
+    try:
+        files = plot(json.loads(path.read_text()), out_dir)
+    except ValueError as e:
+        fail(str(e))
+    out.print("figures: " + ", ".join(str(f) for f in files))

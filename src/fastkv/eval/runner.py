@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from ..methods import FullKV, Method
+from ..methods.spec import short_spec
+from . import timing
 from .paired import paired_difference, reference_for
 
 
@@ -79,10 +81,14 @@ def _key(row: dict) -> tuple:
     return (row["model"], row["setting"], settings, row["method"], row["task"], row["index"])
 
 
-def run_label(row: dict) -> str:
+def label_of(model: str, setting: str, settings: dict, spec: str) -> str:
     """A run's label in the summaries: model | setting (and dtype) | canonical method spec."""
-    dtype = row.get("settings", {}).get("dtype")
-    return f"{row['model']} | {row['setting']}{f' {dtype}' if dtype else ''} | {row['method']}"
+    dtype = settings.get("dtype")
+    return f"{model} | {setting}{f' {dtype}' if dtype else ''} | {spec}"
+
+
+def run_label(row: dict) -> str:
+    return label_of(row["model"], row["setting"], row.get("settings", {}), row["method"])
 
 
 def run(
@@ -97,12 +103,14 @@ def run(
     seed: int = 0,
     settings: dict | None = None,
     shared: bool = True,
+    time_prefill: bool = True,
 ) -> dict:
     """Answer every item under every method (FullKV first, for fidelity); return the metrics.
 
     `methods` maps canonical specs to bound methods; `settings` (JSON-able) is part of every result's key.
     shared: one prefill serves all methods of an item (`generate_many`; the same answers, a fraction of
     the time); each row's prefill_s is then the shared prefill's. False times every method alone.
+    time_prefill (shared runs): time each method's prefill alone once, on the first item (`timing.py`).
     """
     from rich.progress import (
         BarColumn,
@@ -128,6 +136,9 @@ def run(
     methods = {"fullkv": methods.get("fullkv", FullKV()), **methods}
     started = time.time()
     update_record(out, config, started, new_command=True)
+    if shared and time_prefill and items:
+        specs = {spec: label_of(model_name, setting, settings, spec) for spec in labels}
+        _time_missing(llm, out, items[0], specs, methods)
     todo = sum((model_name, setting, tag, m, it.task, it.index) not in done for it in items for m in labels)
     columns = (
         TextColumn("{task.description}"),
@@ -179,6 +190,7 @@ def run(
                     "prefill_shared_by": s.prefill_shared_by,
                     "decode_tok_s": round(s.decode_tokens_per_s, 3),
                     "kv_ratio": round(s.kv_ratio, 4),
+                    "kv_bytes": s.kv_bytes,
                     **item.meta,
                 }
                 if spec == "fullkv":
@@ -192,17 +204,33 @@ def run(
                 done[key] = row
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
-    metrics = summarize(list(done.values()))
+    metrics = summarize(list(done.values()), timing.load(out))
     write_reports(out, metrics, config, started)
     return metrics
+
+
+def _time_missing(llm, out: Path, item: Item, labels: dict[str, str], methods: dict[str, Method]) -> None:
+    """If a method has no time in timings.json yet, time all of this run's methods again, side by side."""
+
+    known = timing.load(out)
+    if all(label in known for label in labels.values()):
+        return
+    ids = llm.tokenizer(item.prompt, add_special_tokens=item.special_tokens)["input_ids"]
+    times = timing.time_prefills(llm.parts, ids, {spec: methods[spec] for spec in labels})
+    timing.record(out, labels, times, len(ids), f"{item.task}/{item.index}")
 
 
 def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(rows: list[dict]) -> dict:
-    """{run label: {"tasks": {task: mean score %}, "average": ..., "agreement": %, "kl": mean}}."""
+def summarize(rows: list[dict], timings: dict[str, dict] | None = None) -> dict:
+    """{run label: {"tasks": {task: mean score %}, "average": ..., "agreement": %, "kl": mean, ...}}.
+
+    prefill_s: the mean over rows that timed the method alone, else its time in `timings` (timings.json);
+    prefill_speedup: FullKV's prefill_s over the method's, in the same model and setting.
+    """
+    timings = timings or {}
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         groups[run_label(row)].append(row)
@@ -217,8 +245,10 @@ def summarize(rows: list[dict]) -> dict:
             "average": sum(tasks.values()) / len(tasks),
             "samples": len(group),
             "kv_ratio": sum(r["kv_ratio"] for r in group) / len(group),
+            "kv_bytes": mean([r["kv_bytes"] for r in group if "kv_bytes" in r]),  # rows before it was recorded
             # prefill time of a method alone; rows from a shared prefill do not tell it
-            "prefill_s": mean([r["prefill_s"] for r in group if r.get("prefill_shared_by", 1) == 1]),
+            "prefill_s": mean([r["prefill_s"] for r in group if r.get("prefill_shared_by", 1) == 1])
+            or timings.get(label, {}).get("prefill_s"),
         }
         compared = [r for r in group if "agrees_with_fullkv" in r]
         if compared:
@@ -234,6 +264,10 @@ def summarize(rows: list[dict]) -> dict:
                 if diff is not None:
                     entry[f"vs_{preset}"] = diff
         out[label] = entry
+    for label, entry in out.items():
+        full = out.get(label.rsplit(" | ", 1)[0] + " | fullkv", {}).get("prefill_s")
+        if full and entry["prefill_s"]:
+            entry["prefill_speedup"] = full / entry["prefill_s"]
     return out
 
 
@@ -241,31 +275,54 @@ def interval(diff: dict | None) -> str:
     return "-" if diff is None else f"{diff['diff']:+.1f} [{diff['low']:+.1f}, {diff['high']:+.1f}]"
 
 
+OVERALL = ["average", "vs SnapKV [95% CI]", "vs FullKV [95% CI]", "agreement %", "first-token KL", "KV share"]
+OVERALL += ["prefill s", "prefill x FullKV"]
+
+
+def overall(m: dict) -> list[str]:
+    """A run's cells under OVERALL."""
+    return [
+        f"{m['average']:.1f}",
+        interval(m.get("vs_snapkv")),
+        interval(m.get("vs_fullkv")),
+        f"{m['agreement']:.0f}" if "agreement" in m else "-",
+        f"{m['first_token_kl']:.4f}" if "first_token_kl" in m else "-",
+        f"{m['kv_ratio']:.3f}",
+        f"{m['prefill_s']:.1f}" if m["prefill_s"] is not None else "shared",
+        f"{m['prefill_speedup']:.2f}" if "prefill_speedup" in m else "-",
+    ]
+
+
+def shorter(spec: str) -> str:
+    """short_spec, or the spec as it is where it does not parse (rows from before canonical specs)."""
+    try:
+        return short_spec(spec)
+    except (ValueError, KeyError):
+        return spec
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table (labels and specs hold no "|")."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def write_reports(out: Path, metrics: dict, config: dict, started: float | None) -> None:
     """Write metrics.json, summary.md/.csv and run.json; `started` None rebuilds without adding time."""
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     tasks = sorted({t for m in metrics.values() for t in m["tasks"]})
-    header = ["model", "setting", "method", *tasks, "average", "vs SnapKV [95% CI]", "vs FullKV [95% CI]"]
-    header += ["agreement %", "first-token KL", "KV share", "prefill s"]
-    rows = []
-    for label, m in metrics.items():
-        rows.append(
-            label.split(" | ")
-            + [f"{m['tasks'][t]:.1f}" if t in m["tasks"] else "" for t in tasks]
-            + [
-                f"{m['average']:.1f}",
-                interval(m.get("vs_snapkv")),
-                interval(m.get("vs_fullkv")),
-                f"{m['agreement']:.0f}" if "agreement" in m else "-",
-                f"{m['first_token_kl']:.4f}" if "first_token_kl" in m else "-",
-                f"{m['kv_ratio']:.3f}",
-                f"{m['prefill_s']:.1f}" if m["prefill_s"] is not None else "shared",
-            ]
-        )
+    header = ["model", "setting", "method", *tasks, *OVERALL]
+    rows = [
+        label.split(" | ") + [f"{m['tasks'][t]:.1f}" if t in m["tasks"] else "" for t in tasks] + overall(m)
+        for label, m in metrics.items()
+    ]
     with open(out / "summary.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # labels hold no "|" here
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    # summary.md: a compact table first (specs without their default knobs), then every task and full spec
+    compact = [
+        [*label.rsplit(" | ", 2)[1:2], shorter(label.rsplit(" | ", 1)[1]), *overall(m)] for label, m in metrics.items()
+    ]
+    lines = ["## Summary", "", *markdown(["setting", "method", *OVERALL], compact), ""]
+    lines += ["## Per task, with canonical specs", "", *markdown(header, rows)]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     if started is not None or not (out / "run.json").exists():
         update_record(out, config, started, new_command=False)

@@ -16,9 +16,10 @@ with every knob that is set (after `Method.bind`, all of them); parsing it gives
 from __future__ import annotations
 
 import ast
+import dataclasses
 from typing import Any
 
-from .base import EXCLUSIVE, REGISTRY, Part, build
+from .base import EXCLUSIVE, REGISTRY, RETAIN_RATE, TSP_RATE, Part, build
 from .method import Composed, Method, shape
 from .presets import PRESETS
 from .registry import KeepAll, NoReduction
@@ -206,6 +207,30 @@ def make_with_shared(spec: str, **shared) -> Method:
     """One method from its spec, with shared settings where it has them (see `make_methods`)."""
     (method,) = make_methods(spec, **shared)
     return method
+
+
+def short_spec(spec: str, keep_auto: bool = False) -> str:
+    """A spec without the knobs at their defaults, for tables and legends: `fastkv(window_size=8,
+    kernel_size=17, ..., retain_rate=0.1, tsp_layer=11)` -> `fastkv(kernel_size=17, pooling='avg')`.
+
+    Knobs resolved per model (tsp_layer, filter_layer) are left out too, unless keep_auto. A side named
+    after a part rather than a preset keeps every knob.
+    """
+    per_model = {k for parts in REGISTRY.values() for cls in parts.values() for k in cls.auto}
+    rates = {"retain_rate": RETAIN_RATE, "tsp_rate": TSP_RATE}  # what None resolves to
+
+    def default(name: str, knob: str, value: Any) -> bool:
+        if name not in PRESETS:
+            return False
+        preset = {f.name: f.default for f in dataclasses.fields(PRESETS[name])}.get(knob, ...)
+        if preset is None and knob in per_model:
+            return not keep_auto
+        return value == (rates.get(knob) if preset is None else preset)
+
+    return "+".join(
+        _render(name, {k: v for k, v in knobs.items() if not default(name, k, v)})
+        for name, knobs in parse_specs(spec)[0]
+    )
 
 
 def _render(name: str, knobs: dict[str, Any]) -> str:

@@ -1,0 +1,52 @@
+"""Measured prefill time of each method alone, for evaluations that share one prefill among methods.
+
+A shared prefill (`generate_many`) answers every method at a fraction of the cost, but it cannot say how
+long each method's own prefill takes. So a run times each method once, alone and one after the other in
+the same process, on its first item (after a warm-up), and keeps the times in `timings.json` beside the
+predictions. The summaries then show each method's prefill seconds and its speedup over FullKV's from
+those side-by-side measurements. A resumed run times only methods not timed yet.
+
+timings.json: {run label (model | setting dtype | spec): {"prefill_s", "prompt_tokens", "item"}}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..engine import prefill
+from ..methods import Method
+
+FILE = "timings.json"
+
+
+def load(out: Path) -> dict[str, dict]:
+    path = out / FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@torch.inference_mode()
+def time_prefills(parts, input_ids: list[int], methods: dict[str, Method]) -> dict[str, float]:
+    """Seconds of `prefill` for each method alone on one prompt, FullKV first, after a short warm-up."""
+    ids = torch.tensor([input_ids], device=parts.device)
+    first = next(iter(methods.values()))
+    prefill(parts, ids[:, :256], first)  # warm kernels and the allocator: the first timed run is not penalised
+    times = {}
+    for spec, method in methods.items():
+        start = time.perf_counter()
+        prefill(parts, ids, method)
+        if parts.device.type == "cuda":
+            torch.cuda.synchronize(parts.device)
+        times[spec] = time.perf_counter() - start
+    return times
+
+
+def record(out: Path, labels: dict[str, str], times: dict[str, float], prompt_tokens: int, item: str) -> None:
+    """Add measured times (by spec) to timings.json under their run labels (`labels`: spec -> label)."""
+    found = load(out)
+    for spec, seconds in times.items():
+        found[labels[spec]] = {"prefill_s": round(seconds, 3), "prompt_tokens": prompt_tokens, "item": item}
+    (out / FILE).write_text(json.dumps(found, indent=2, sort_keys=True) + "\n")
