@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .console import err, fail, load_llm, out
+from .engine import check_chunk
 from .eval.cli import app as eval_app
 from .knobs import knob_types, with_knob_options
 from .methods import PRESETS, FastKV, FullKV, Method, SnapKV, make_method
@@ -63,13 +64,17 @@ def generate(
     chat: bool = typer.Option(True, help="apply the model's chat template"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    prefill_chunk: int | None = typer.Option(
+        None, help="attend and run MLPs over this many prompt tokens at a time in prefill (bounds its memory)"
+    ),
     **knobs,
 ) -> None:
     """Generate a completion for a long context (from a file or stdin), streaming it to stdout."""
     try:
         make_method(method, **knobs)  # fail fast, before loading the model
+        check_chunk(prefill_chunk)
     except ValueError as e:
-        fail(str(e))
+        fail(str(e).replace("chunk_size", "--prefill-chunk"))
     if prompt_file is not None:
         if not prompt_file.is_file():
             fail(f"prompt file {prompt_file} does not exist")
@@ -107,6 +112,7 @@ def generate(
             stop=stop,
             chat=chat,
             on_layer=on_layer,
+            prefill_chunk=prefill_chunk,
         )
     except ValueError as e:
         write("")

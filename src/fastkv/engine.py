@@ -79,7 +79,14 @@ def checked(sel: Selection, what: str, present: int, batch: int, heads: int, ord
     return sel
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """SDPA over GQA keys without ever taking a path that builds the n x n matrix.
 
     On CUDA, float32 has no fused kernel that takes GQA (flash needs half precision, the memory-efficient
@@ -89,7 +96,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
     group = q.shape[1] // k.shape[1]
     if group > 1 and repeat_kv(q.device, q.dtype):
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
 def repeat_kv(device: torch.device, dtype: torch.dtype) -> bool:
@@ -104,15 +112,19 @@ def prefill(
     method: Method,
     max_new_tokens: int = 0,
     on_layer=None,
+    chunk_size: int | None = None,
 ) -> tuple[KVCache, torch.Tensor, PrefillTrace]:
     """Run the prompt input_ids [B, L] through the model under `method`.
 
     Returns the cache (room for max_new_tokens more entries per layer), the float32 logits of the last
     prompt token [B, V], and a trace. `on_layer(i)` is called after each layer (for progress bars).
+    chunk_size: attend and run the MLP over at most this many queries at a time (`attend`, `feed_forward`),
+    so that activations beyond q, k, v grow with the prompt, not with chunk x prompt; None: all at once.
     """
     check_prompt(parts, input_ids.shape[1], max_new_tokens)
+    check_chunk(chunk_size)
     method = method.bind(parts.num_layers)
-    run = partial(run_pass, parts, max_new_tokens=max_new_tokens, on_layer=on_layer)
+    run = partial(run_pass, parts, max_new_tokens=max_new_tokens, on_layer=on_layer, chunk_size=chunk_size)
     result = method.reducer.prefill(run, input_ids, method.policy)
     return result.cache, result.logits, result.trace
 
@@ -126,6 +138,7 @@ def run_pass(
     stop_at: int | None = None,
     max_new_tokens: int = 0,
     on_layer=None,
+    chunk_size: int | None = None,
 ) -> Pass:
     """One pass over the layers on input_ids [B, n] at positions 0..n-1.
 
@@ -154,11 +167,11 @@ def run_pass(
                 return Pass(cache, None, trace)
         store(cache, state, policy, v, pos)
 
-        h = attend(parts, layer, h, q, k, v, last=i == last_layer)
+        h = attend(parts, layer, h, q, k, v, last=i == last_layer, chunk_size=chunk_size)
         if selected is not None:
             # MLPs work per token, so dropping tokens before this layer's MLP changes nothing for the kept.
             h, pos = h.gather(1, selected.unsqueeze(-1).expand(-1, -1, h.shape[-1])), trace.propagated[i]
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = feed_forward(layer, h, chunk_size)
         if on_layer is not None:
             on_layer(i)
 
@@ -183,16 +196,45 @@ def project(parts: Adapter, layer, h: torch.Tensor, pos: torch.Tensor) -> tuple[
     return q, k, v
 
 
-def attend(parts: Adapter, layer, h: torch.Tensor, q, k, v, last: bool) -> torch.Tensor:
-    """h plus the layer's causal attention output; for the last layer only the last token's."""
-    b, hq, d = h.shape[0], parts.num_heads, parts.head_dim
+def attend(parts: Adapter, layer, h: torch.Tensor, q, k, v, last: bool, chunk_size: int | None = None) -> torch.Tensor:
+    """h plus the layer's causal attention output; for the last layer only the last token's.
+
+    With chunk_size, queries [s, e) attend to keys [0, e) one chunk at a time, written into a new h.
+    """
+    b, n, hq, d = h.shape[0], h.shape[1], parts.num_heads, parts.head_dim
+    scale = layer.self_attn.scaling
+
+    def output(out: torch.Tensor) -> torch.Tensor:
+        return layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, -1, hq * d))
+
     if last:
         # Only the last token's output is needed from the last layer: one query that sees every key.
-        out = attention(q[:, :, -1:], k, v, layer.self_attn.scaling, causal=False)
-        h = h[:, -1:]
-    else:
-        out = attention(q, k, v, layer.self_attn.scaling, causal=True)
-    return h + layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, -1, hq * d))
+        return h[:, -1:] + output(attention(q[:, :, -1:], k, v, scale, causal=False))
+    if chunk_size is None or chunk_size >= n:
+        return h + output(attention(q, k, v, scale, causal=True))
+    new = torch.empty_like(h)
+    for s in range(0, n, chunk_size):
+        e = min(n, s + chunk_size)
+        # causal from the bottom right: query s + i sees keys 0..s + i
+        mask = torch.arange(e, device=h.device) <= torch.arange(s, e, device=h.device)[:, None]
+        new[:, s:e] = h[:, s:e] + output(attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], scale, mask=mask))
+    return new
+
+
+def feed_forward(layer, h: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """h plus the layer's MLP, over at most chunk_size tokens at a time (it works per token)."""
+    if chunk_size is None or chunk_size >= h.shape[1]:
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+    new = torch.empty_like(h)
+    for s in range(0, h.shape[1], chunk_size):
+        part = h[:, s : s + chunk_size]
+        new[:, s : s + chunk_size] = part + layer.mlp(layer.post_attention_layernorm(part))
+    return new
+
+
+def check_chunk(chunk_size: int | None) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}")
 
 
 def store(cache: KVCache, state: LayerState, policy: CachePolicy, v: torch.Tensor, pos: torch.Tensor) -> None:

@@ -121,10 +121,12 @@ def stream(
     stop: Sequence[str] = (),
     chat: bool = False,
     on_layer: Callable[[int], None] | None = None,
+    prefill_chunk: int | None = None,
 ) -> Iterator[str]:
     """Yield the generated text piece by piece; the generator's return value is a GenerationResult.
 
     `method` is a Method or a spec string such as "fastkv(kernel_size=13)" (default: FastKV()).
+    prefill_chunk: queries per attention and MLP chunk in prefill, to bound its memory (`prefill`).
     """
     check_sampling(max_new_tokens, temperature, top_p)
     parts = adapter_for(model)
@@ -132,7 +134,9 @@ def stream(
     ids = encode_prompt(tokenizer, prompt, chat)
     input_ids = torch.tensor([ids], device=parts.device)
     start = _now(parts.device)
-    cache, logits, trace = prefill(parts, input_ids, method, max_new_tokens=max_new_tokens, on_layer=on_layer)
+    cache, logits, trace = prefill(
+        parts, input_ids, method, max_new_tokens=max_new_tokens, on_layer=on_layer, chunk_size=prefill_chunk
+    )
     prefilled = Prefilled(method, len(ids), cache, logits, trace, _now(parts.device) - start)
     return (yield from _decode(model, tokenizer, parts, prefilled, max_new_tokens, temperature, top_p, seed, stop))
 
@@ -148,6 +152,7 @@ def generate_many(
     seed: int | None = None,
     stop: Sequence[str] = (),
     chat: bool = False,
+    prefill_chunk: int | None = None,
 ) -> list[GenerationResult]:
     """One result per method, as `generate` would give for each alone, from one shared prefill
     (`fastkv.shared.prefill_many`). Each result's prefill_seconds is the shared prefill's time."""
@@ -158,7 +163,7 @@ def generate_many(
     bound = [make_method(m).bind(parts.num_layers) for m in methods]
     ids = encode_prompt(tokenizer, prompt, chat)
     start = _now(parts.device)
-    prefilled = prefill_many(parts, torch.tensor([ids], device=parts.device), bound, max_new_tokens)
+    prefilled = prefill_many(parts, torch.tensor([ids], device=parts.device), bound, max_new_tokens, prefill_chunk)
     seconds = _now(parts.device) - start
     results = []
     for method, (cache, logits, trace) in zip(bound, prefilled, strict=True):
@@ -265,8 +270,8 @@ def generate(
     """Generate a completion of `prompt` under `method` (default: FastKV with the paper's settings).
 
     Options: max_new_tokens, temperature (0 = greedy), top_p, seed, stop (strings), chat (apply the
-    tokenizer's chat template), on_layer (prefill progress callback). `on_text` receives text as it
-    is produced (streaming).
+    tokenizer's chat template), on_layer (prefill progress callback), prefill_chunk (queries per chunk in
+    prefill, to bound its memory on long prompts). `on_text` receives text as it is produced (streaming).
     """
     return _drain(stream(model, tokenizer, prompt, method, **options), on_text)
 

@@ -19,7 +19,17 @@ import torch
 
 from .adapters import Adapter
 from .cache import KVCache
-from .engine import PrefillTrace, attend, check_prompt, chosen_tokens, prefill, project, store
+from .engine import (
+    PrefillTrace,
+    attend,
+    check_chunk,
+    check_prompt,
+    chosen_tokens,
+    feed_forward,
+    prefill,
+    project,
+    store,
+)
 from .methods import LayerState, Method, Reducer
 
 
@@ -36,16 +46,22 @@ def single_pass(reducer: Reducer) -> bool:
 
 @torch.inference_mode()
 def prefill_many(
-    parts: Adapter, input_ids: torch.Tensor, methods: list[Method], max_new_tokens: int = 0
+    parts: Adapter,
+    input_ids: torch.Tensor,
+    methods: list[Method],
+    max_new_tokens: int = 0,
+    chunk_size: int | None = None,
 ) -> list[tuple[KVCache, torch.Tensor, PrefillTrace]]:
-    """Exactly `[prefill(parts, input_ids, m, max_new_tokens) for m in methods]`, computed once where shared."""
+    """Exactly `[prefill(parts, input_ids, m, max_new_tokens, chunk_size=...) for m in methods]`, computed once
+    where shared."""
     b, n = input_ids.shape
     check_prompt(parts, n, max_new_tokens)
+    check_chunk(chunk_size)
     bound = [m.bind(parts.num_layers) for m in methods]
     results: list = [None] * len(bound)
     shared = [i for i, m in enumerate(bound) if single_pass(m.reducer)]
     for i in set(range(len(bound))) - set(shared):
-        results[i] = prefill(parts, input_ids, bound[i], max_new_tokens)
+        results[i] = prefill(parts, input_ids, bound[i], max_new_tokens, chunk_size=chunk_size)
     caches = {i: KVCache(prompt_len=n, max_new_tokens=max_new_tokens, position_base=n) for i in shared}
     traces = {i: PrefillTrace(prompt_len=n) for i in shared}
     last = parts.num_layers - 1
@@ -66,7 +82,7 @@ def prefill_many(
                 else:
                     groups.append((selected, [i]))
                 store(caches[i], state, bound[i].policy, v, br.pos)
-            h = attend(parts, layer, br.h, q, k, v, last=li == last)
+            h = attend(parts, layer, br.h, q, k, v, last=li == last, chunk_size=chunk_size)
             for selected, members in groups:
                 hg, pos = h, br.pos
                 if selected is not None:
@@ -76,7 +92,7 @@ def prefill_many(
                     )
                     for i in members:
                         traces[i].propagated[li] = pos
-                split.append(Branch(hg + layer.mlp(layer.post_attention_layernorm(hg)), pos, members))
+                split.append(Branch(feed_forward(layer, hg, chunk_size), pos, members))
         branches = split
     for br in branches:
         logits = parts.lm_head(parts.norm(br.h[:, -1:]))[:, -1].float()

@@ -1,0 +1,78 @@
+"""Chunked prefill (attention and MLP over chunks of queries) gives what the unchunked prefill gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastkv import FullKV, adapter_for, decode_step, prefill
+from fastkv.methods import make_method
+from fastkv.shared import prefill_many
+
+from .conftest import build_tiny, prompt_ids
+from .fixtures.record_presets import CONFIGS
+from .test_presets import equal
+
+METHODS = [make_method(name, **knobs) for name, knobs in CONFIGS.items()]
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5))
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+@pytest.mark.parametrize("chunk", [7, 32])
+def test_chunked_prefill_equals_unchunked(family, method, chunk):
+    parts = adapter_for(build_tiny(family))
+    ids = prompt_ids(96, seed=21)
+    cache, logits, trace = prefill(parts, ids, method, max_new_tokens=2)
+    c_cache, c_logits, c_trace = prefill(parts, ids, method, max_new_tokens=2, chunk_size=chunk)
+    assert close(c_logits, logits), (c_logits - logits).abs().max()
+    # The same tokens continue and the same entries are cached: the selections did not move.
+    assert c_trace.tokens_per_layer == trace.tokens_per_layer
+    assert equal(c_trace.propagated, trace.propagated) and equal(c_cache.positions, cache.positions)
+    for i in range(parts.num_layers):
+        n = cache.lengths[i]
+        assert close(c_cache.keys[i][:, :, :n], cache.keys[i][:, :, :n])
+        assert close(c_cache.values[i][:, :, :n], cache.values[i][:, :, :n])
+    token = logits.argmax(-1)
+    step = decode_step(parts, cache, token, cache.position_base)
+    assert close(decode_step(parts, c_cache, token, c_cache.position_base), step)
+
+
+@pytest.mark.parametrize("chunk", [1, 16])
+def test_chunked_fullkv_matches_transformers(family, chunk):
+    model = build_tiny(family)
+    ids = prompt_ids(100, seed=4)
+    with torch.no_grad():
+        ref = model(ids).logits[:, -1]
+    _, logits, _ = prefill(adapter_for(model), ids, FullKV(), chunk_size=chunk)
+    assert (logits - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+def test_shared_prefill_chunks_as_each_method_alone():
+    parts = adapter_for(build_tiny("qwen2"))
+    ids = prompt_ids(96, seed=21)
+    together = prefill_many(parts, ids, METHODS, max_new_tokens=1, chunk_size=24)
+    for method, (cache, logits, _) in zip(METHODS, together, strict=True):
+        ref_cache, ref_logits, _ = prefill(parts, ids, method, max_new_tokens=1, chunk_size=24)
+        assert torch.equal(logits, ref_logits), method.spec
+        for k, ref_k, n in zip(cache.keys, ref_cache.keys, ref_cache.lengths, strict=True):
+            assert torch.equal(k[:, :, :n], ref_k[:, :, :n])  # past n: room for decoding, not written
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_bad_chunk_sizes_are_refused(bad):
+    parts = adapter_for(build_tiny("llama"))
+    with pytest.raises(ValueError, match="chunk_size must be a positive number of tokens"):
+        prefill(parts, prompt_ids(16), FullKV(), chunk_size=bad)
+    with pytest.raises(ValueError, match="chunk_size"):
+        prefill_many(parts, prompt_ids(16), [FullKV()], chunk_size=bad)
+
+
+def test_cli_names_the_option():
+    from fastkv.cli import app
+
+    result = CliRunner().invoke(app, ["generate", "--question", "hi", "--prefill-chunk", "0"])
+    assert result.exit_code == 2 and "--prefill-chunk must be a positive number" in " ".join(result.stderr.split())
