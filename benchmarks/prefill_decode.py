@@ -4,6 +4,8 @@
     python benchmarks/prefill_decode.py --methods all        # every preset
     python benchmarks/prefill_decode.py --lengths 16384 --methods fullkv,h2o --decode-lengths ""
     python benchmarks/prefill_decode.py --methods 'fastkv(kernel_size=13),fastkv+adakv'   # any method specs
+    python benchmarks/prefill_decode.py --memory --lengths 32704 --methods fullkv,fastkv --prefill-chunks 0,2048
+    python benchmarks/prefill_decode.py --dtype bfloat16                  # weights, activations and cache
 
 For each prompt length it times, in one process and one after the other:
 - transformers: `model(ids, logits_to_keep=1)` for prefill, then its own decode loop (DynamicCache);
@@ -93,9 +95,17 @@ def return_freed_memory_to_the_os() -> None:
 
 
 def timed(fn):
+    sync()
     start = time.perf_counter()
     out = fn()
+    sync()
     return out, time.perf_counter() - start
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that a time covers the work and not its launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def prompt(vocab: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -117,9 +127,9 @@ def bench_transformers(model, ids: torch.Tensor, steps: int) -> tuple[float, flo
     return prefill_s, statistics.median(times) * 1e3, peak.mib
 
 
-def bench_engine(parts, ids: torch.Tensor, method, steps: int) -> tuple[float, float, float, float]:
+def bench_engine(parts, ids: torch.Tensor, method, steps: int, chunk: int | None = None) -> tuple[float, ...]:
     with PeakMemory(parts.device) as peak:
-        (cache, logits, _), prefill_s = timed(lambda: prefill(parts, ids, method, max_new_tokens=steps))
+        (cache, logits, _), prefill_s = timed(lambda: prefill(parts, ids, method, steps, chunk_size=chunk))
         token, times = logits.argmax(-1), []
         for step in range(steps):
             logits, t = timed(lambda s=step, tok=token: decode_step(parts, cache, tok, cache.position_base + s))
@@ -131,16 +141,16 @@ def bench_engine(parts, ids: torch.Tensor, method, steps: int) -> tuple[float, f
 def filled_cache(parts, length: int, steps: int) -> KVCache:
     """A cache holding `length` random entries per layer, as if a prefill had kept them."""
     cache = KVCache(prompt_len=length, max_new_tokens=steps)
-    shape = (1, parts.num_kv_heads, length, parts.head_dim)
-    positions = torch.arange(length).expand(1, parts.num_kv_heads, length)
+    shape, options = (1, parts.num_kv_heads, length, parts.head_dim), {"dtype": parts.dtype, "device": parts.device}
+    positions = torch.arange(length, device=parts.device).expand(1, parts.num_kv_heads, length)
     for _ in range(parts.num_layers):
-        cache.store(torch.randn(shape, dtype=parts.dtype), torch.randn(shape, dtype=parts.dtype), positions)
+        cache.store(torch.randn(shape, **options), torch.randn(shape, **options), positions)
     return cache
 
 
 def bench_decode_at(parts, prompt_len: int, kept: int, steps: int) -> float:
     cache = filled_cache(parts, kept, steps)
-    token, times = torch.tensor([1000]), []
+    token, times = torch.tensor([1000], device=parts.device), []
     for step in range(steps):
         _, t = timed(lambda s=step: decode_step(parts, cache, token, prompt_len + s))
         times.append(t)
@@ -161,6 +171,13 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--memory", action="store_true", help="measure peak memory (slows the timings: run apart)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument(
+        "--prefill-chunks",
+        default="0",
+        help="comma-separated prefill chunk sizes to run every method with (0: unchunked), e.g. 0,2048",
+    )
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -171,7 +188,11 @@ def main() -> None:
         chosen = make_methods(args.methods, retain_rate=0.1, tsp_rate=0.2)
     except ValueError as e:
         ap.error(str(e))
-    model, _ = load(args.model, progress=False)
+    chunks = [int(x) or None for x in args.prefill_chunks.split(",") if x]
+    try:
+        model, _ = load(args.model, dtype=args.dtype, device=args.device, progress=False)
+    except ValueError as e:  # a device that is not there
+        ap.error(str(e))
     parts = adapter_for(model)
     # FullKV first: the other ratios need it. Labels are the short names (variants numbered: fastkv#2);
     # the full specs are printed above the table.
@@ -179,16 +200,22 @@ def main() -> None:
     for method in [FullKV(), *(m for m in chosen if not m.same_parts(FullKV()))]:
         label = method.name if method.name not in methods else f"{method.name}#{len(methods)}"
         methods[label] = method.bind(parts.num_layers)
+    # each method at each chunk size: fastkv/c2048 is FastKV's prefill over chunks of 2048 queries
+    runs = {(f"{name}/c{chunk}" if chunk else name): (m, chunk) for chunk in chunks for name, m in methods.items()}
     vocab = model.config.vocab_size
+    where = platform.processor() or platform.machine()
+    if parts.device.type == "cuda":
+        where = torch.cuda.get_device_name(parts.device)
     print(
-        f"# {args.model} float32 on {platform.processor() or platform.machine()}, "
+        f"# {args.model} {args.dtype} on {where}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} decode steps (median)"
     )
     for name, method in methods.items():
         print(f"#   {name}: {method.spec}")
     # Warm up kernels and allocator so that the first timed run is not penalised.
-    bench_engine(parts, prompt(vocab, 256), methods["fullkv"], 2)
-    bench_transformers(model, prompt(vocab, 256), 2)
+    warm = prompt(vocab, 256).to(parts.device)
+    bench_engine(parts, warm, methods["fullkv"], 2, chunks[0])
+    bench_transformers(model, warm, 2)
 
     results: dict = {"prefill": [], "decode_at": []}
     print(
@@ -201,7 +228,7 @@ def main() -> None:
     )
     print("\n" + header)
     for length in [int(x) for x in args.lengths.split(",") if x]:
-        ids = prompt(vocab, length)
+        ids = prompt(vocab, length).to(parts.device)
         row: dict = {"tokens": length}
         hf_prefill = hf_decode = None
         if not args.no_transformers:
@@ -212,8 +239,8 @@ def main() -> None:
                 f"{1:>5.2f} {'':>5} {'':>7} {'':>5} {hf_peak:>8.0f}"
             )
         full = None
-        for name, method in methods.items():
-            p, dms, kv, peak = bench_engine(parts, ids, method, args.steps)
+        for name, (method, chunk) in runs.items():
+            p, dms, kv, peak = bench_engine(parts, ids, method, args.steps, chunk)
             full = full or (p, dms, kv, peak)
             vs_hf = (p / hf_prefill, hf_prefill / p, dms / hf_decode) if hf_prefill else (float("nan"),) * 3
             print(
@@ -221,7 +248,14 @@ def main() -> None:
                 f"{dms:>9.1f} {vs_hf[2]:>5.2f} {dms / full[1]:>5.2f} {kv:>7.1f} {kv / full[2]:>5.2f} "
                 f"{peak:>8.0f} {peak / full[3]:>5.2f}"
             )
-            row[name] = {"prefill_s": p, "decode_ms": dms, "kv_mib": kv, "peak_mib": peak}
+            row[name] = {
+                "spec": method.spec,
+                "chunk": chunk,
+                "prefill_s": p,
+                "decode_ms": dms,
+                "kv_mib": kv,
+                "peak_mib": peak,
+            }
         results["prefill"].append(row)
 
     decode_lengths = [int(x) for x in args.decode_lengths.split(",") if x]
