@@ -94,6 +94,9 @@ def return_freed_memory_to_the_os() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, fixed
 
 
+COMPILE = False  # --compile: decode steps under torch.compile
+
+
 def timed(fn):
     sync()
     start = time.perf_counter()
@@ -132,7 +135,9 @@ def bench_engine(parts, ids: torch.Tensor, method, steps: int, chunk: int | None
         (cache, logits, _), prefill_s = timed(lambda: prefill(parts, ids, method, steps, chunk_size=chunk))
         token, times = logits.argmax(-1), []
         for step in range(steps):
-            logits, t = timed(lambda s=step, tok=token: decode_step(parts, cache, tok, cache.position_base + s))
+            logits, t = timed(
+                lambda s=step, tok=token: decode_step(parts, cache, tok, cache.position_base + s, compiled=COMPILE)
+            )
             token = logits.argmax(-1)
             times.append(t)
     return prefill_s, statistics.median(times) * 1e3, cache.nbytes() / 2**20, peak.mib
@@ -152,7 +157,7 @@ def bench_decode_at(parts, prompt_len: int, kept: int, steps: int) -> float:
     cache = filled_cache(parts, kept, steps)
     token, times = torch.tensor([1000], device=parts.device), []
     for step in range(steps):
-        _, t = timed(lambda s=step: decode_step(parts, cache, token, prompt_len + s))
+        _, t = timed(lambda s=step: decode_step(parts, cache, token, prompt_len + s, compiled=COMPILE))
         times.append(t)
     return statistics.median(times) * 1e3
 
@@ -173,6 +178,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--compile", action="store_true", help="decode under torch.compile (compiled in the warm-up)")
     ap.add_argument(
         "--prefill-chunks",
         default="0",
@@ -181,6 +187,8 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global COMPILE
+    COMPILE = args.compile
     if args.memory:
         PeakMemory.enabled = True
         return_freed_memory_to_the_os()
@@ -207,7 +215,7 @@ def main() -> None:
     if parts.device.type == "cuda":
         where = torch.cuda.get_device_name(parts.device)
     print(
-        f"# {args.model} {args.dtype} on {where}, "
+        f"# {args.model} {args.dtype}{' compiled decode' if COMPILE else ''} on {where}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} decode steps (median)"
     )
     for name, method in methods.items():

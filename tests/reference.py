@@ -140,9 +140,9 @@ def hf_decode_logits(model, cache, token: int, position: int) -> torch.Tensor:
         if cache.valid[i] is None:
             masks.append(None)
         else:
-            mask = cache.valid[i][:, :, : n + 1].clone()
-            mask[:, :, -1] = True  # the new token
-            masks.append(mask)
+            real = cache.valid[i]  # the prefill entries that are real; decoded ones and the new token are too
+            b, h, kept = real.shape
+            masks.append(torch.cat([real, torch.ones(b, h, n - kept + 1, dtype=torch.bool, device=real.device)], -1))
     inputs = dict(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[position]]), cache=hf_cache)
     if all(m is None for m in masks):
         return model(**inputs).logits[:, -1]

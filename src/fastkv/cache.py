@@ -1,11 +1,13 @@
-"""A preallocated KV cache in which every layer holds its own number of entries.
+"""A preallocated, fixed-shape KV cache in which every layer holds its own number of entries.
 
 Layer i owns K and V buffers [B, Hkv, capacity_i, d] with capacity_i = kept_i + max_new_tokens.
-Prefill writes the kept entries once; each decode step writes one entry at `lengths[i]` in place, so
-decoding never reallocates or concatenates.
+Prefill writes the kept entries once. Each decode step writes one entry per sequence at its slot
+(`slots[i]`, a tensor [B]) in place and attends over the whole buffer under `attend[i]` [B, Hkv,
+capacity_i], the mask of entries that are real and written. So decoding never reallocates or
+concatenates, and a decode step sees the same shapes at every step (it can be compiled or captured).
 
-When the heads of a layer keep different numbers of entries (an adaptive allocator), the layer is padded to its
-longest head and `valid` [B, Hkv, capacity_i] masks the padding; the padding is counted in `nbytes`.
+When the heads of a layer keep different numbers of entries (an adaptive allocator), the layer is padded
+to its longest head and `valid[i]` says which prefill entries are real; the padding is counted in `nbytes`.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ class KVCache:
     position_base: int = -1
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
     # Original prompt positions of the entries written at prefill, [B, Hkv, kept_i] (for inspection).
     positions: list[torch.Tensor] = field(default_factory=list)
-    # Per layer: None when every head holds `lengths[i]` entries, else a mask of the real ones.
+    # Per layer: None when every head holds all of its prefill entries, else [B, Hkv, kept_i], the real ones.
     valid: list[torch.Tensor | None] = field(default_factory=list)
+    # Per layer: [B, Hkv, capacity_i], the entries a decode step attends to (real and written so far).
+    attend: list[torch.Tensor] = field(default_factory=list)
+    # Per layer: [B], the slot the next decoded token's entry goes to.
+    slots: list[torch.Tensor] = field(default_factory=list)
+    steps: int = 0  # tokens decoded into the cache so far
 
     def __post_init__(self) -> None:
         if self.position_base < 0:
@@ -40,38 +46,28 @@ class KVCache:
         """Append the next layer's kept entries k, v [B, Hkv, kept, d], their positions [B, Hkv, kept] and,
         for padded layers, which of them are real [B, Hkv, kept]."""
         b, h, kept, d = k.shape
-        kbuf = k.new_empty(b, h, kept + self.max_new_tokens, d)
-        vbuf = v.new_empty(b, h, kept + self.max_new_tokens, d)
+        # Zeros, not garbage, in the slots not written yet: a masked score is -inf, but 0 * NaN is NaN.
+        kbuf = k.new_zeros(b, h, kept + self.max_new_tokens, d)
+        vbuf = v.new_zeros(b, h, kept + self.max_new_tokens, d)
         kbuf[:, :, :kept] = k
         vbuf[:, :, :kept] = v
+        attend = torch.zeros(b, h, kept + self.max_new_tokens, dtype=torch.bool, device=k.device)
+        attend[:, :, :kept] = True if valid is None else valid
         self.keys.append(kbuf)
         self.values.append(vbuf)
-        self.lengths.append(kept)
         self.positions.append(positions)
-        if valid is not None:
-            mask = torch.ones(b, h, kept + self.max_new_tokens, dtype=torch.bool, device=k.device)
-            mask[:, :, :kept] = valid
-            valid = mask
         self.valid.append(valid)
+        self.attend.append(attend)
+        self.slots.append(torch.full((b,), kept, dtype=torch.long, device=k.device))
 
-    def append(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Write one decoded token's k, v [B, Hkv, 1, d]; return views of the layer's entries so far and,
-        for a padded layer, the attention mask [B, Hkv, 1, n] of the real ones."""
-        n = self.lengths[layer]
-        kbuf, vbuf = self.keys[layer], self.values[layer]
-        if n >= kbuf.shape[2]:
-            raise RuntimeError(
-                f"KV cache of layer {layer} is full: it was sized for max_new_tokens={self.max_new_tokens}"
-            )
-        kbuf[:, :, n : n + 1] = k
-        vbuf[:, :, n : n + 1] = v
-        self.lengths[layer] = n + 1
-        mask = self.valid[layer]
-        if mask is not None:
-            mask = mask[:, :, None, : n + 1]
-        return kbuf[:, :, : n + 1], vbuf[:, :, : n + 1], mask
+    def check_room(self) -> None:
+        if self.steps >= self.max_new_tokens:
+            raise RuntimeError(f"the KV cache is full: it was sized for max_new_tokens={self.max_new_tokens}")
+
+    @property
+    def lengths(self) -> list[int]:
+        """Entries each layer holds per KV head: its prefill entries (padding included) and decoded ones."""
+        return [kept + self.steps for kept in self.kept_per_layer]
 
     @property
     def kept_per_layer(self) -> list[int]:
@@ -96,5 +92,4 @@ class KVCache:
 
     def full_nbytes(self) -> int:
         """Bytes that an uncompressed cache would hold for the same tokens."""
-        decoded = self.lengths[0] - self.kept_per_layer[0]
-        return self.entry_bytes() * len(self.keys) * (self.prompt_len + decoded)
+        return self.entry_bytes() * len(self.keys) * (self.prompt_len + self.steps)

@@ -67,6 +67,7 @@ def generate(
     prefill_chunk: int | None = typer.Option(
         None, help="attend and run MLPs over this many prompt tokens at a time in prefill (bounds its memory)"
     ),
+    compile: bool = typer.Option(False, "--compile", help="decode under torch.compile (compiling takes a while)"),
     **knobs,
 ) -> None:
     """Generate a completion for a long context (from a file or stdin), streaming it to stdout."""
@@ -113,6 +114,7 @@ def generate(
             chat=chat,
             on_layer=on_layer,
             prefill_chunk=prefill_chunk,
+            compile=compile,
         )
     except ValueError as e:
         write("")

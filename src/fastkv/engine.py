@@ -12,6 +12,7 @@ the single pass below; the engine holds nothing that only one method uses.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -258,20 +259,45 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode_step(parts: Adapter, cache: KVCache, tokens: torch.Tensor, position: int) -> torch.Tensor:
-    """Feed tokens [B] at `position` (cache.position_base + steps so far); return float32 logits [B, V]."""
+def decode_step(
+    parts: Adapter, cache: KVCache, tokens: torch.Tensor, position: int | torch.Tensor, compiled: bool = False
+) -> torch.Tensor:
+    """Feed tokens [B] at `position` (an int, or [B]: cache.position_base + steps so far); return float32
+    logits [B, V]. The shapes are the same at every step, so `compiled` runs `decode_layers` under
+    torch.compile (compiled once per process, for any cache capacity)."""
+    cache.check_room()
+    position = torch.as_tensor(position, device=tokens.device).expand(tokens.shape[0])
+    step = compiled_decode_layers() if compiled else decode_layers
+    logits = step(parts, cache.keys, cache.values, cache.attend, cache.slots, tokens, position)
+    cache.steps += 1
+    return logits
+
+
+@functools.cache
+def compiled_decode_layers():
+    # dynamic: capacities differ per prompt and method; one graph serves them all.
+    return torch.compile(decode_layers, dynamic=True)
+
+
+def decode_layers(parts: Adapter, keys, values, attend, slots, tokens: torch.Tensor, position: torch.Tensor):
+    """One token per sequence through every layer: write its K/V at each sequence's slot, attend over the
+    layer's whole buffer under its mask, advance the slots. Tensors in, tensors out: no Python state."""
     b = tokens.shape[0]
     hq, hkv, d = parts.num_heads, parts.num_kv_heads, parts.head_dim
     h = parts.embed(tokens.view(b, 1))
-    cos, sin = parts.rope(h, torch.full((b, 1), position, device=h.device))
+    cos, sin = parts.rope(h, position.view(b, 1))
     for i, layer in enumerate(parts.layers):
         attn = layer.self_attn
         q, k, v = parts.qkv(attn, layer.input_layernorm(h))
         q, k = parts.apply_rope(q, k, cos, sin)
-        keys, values, mask = cache.append(i, k, v)
+        at = slots[i].view(b, 1, 1).expand(b, hkv, 1)
+        keys[i].scatter_(2, at.unsqueeze(-1).expand(b, hkv, 1, d), k)
+        values[i].scatter_(2, at.unsqueeze(-1).expand(b, hkv, 1, d), v)
+        attend[i].scatter_(2, at, True)
+        slots[i].add_(1)
         # The query heads of a GQA group become rows of one query block: no repeat of the cache.
         out = F.scaled_dot_product_attention(
-            q.reshape(b, hkv, hq // hkv, d), keys, values, attn_mask=mask, scale=attn.scaling
+            q.reshape(b, hkv, hq // hkv, d), keys[i], values[i], attn_mask=attend[i][:, :, None], scale=attn.scaling
         )
         h = h + attn.o_proj(out.reshape(b, 1, hq * d))
         h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -122,11 +122,13 @@ def stream(
     chat: bool = False,
     on_layer: Callable[[int], None] | None = None,
     prefill_chunk: int | None = None,
+    compile: bool = False,
 ) -> Iterator[str]:
     """Yield the generated text piece by piece; the generator's return value is a GenerationResult.
 
     `method` is a Method or a spec string such as "fastkv(kernel_size=13)" (default: FastKV()).
     prefill_chunk: queries per attention and MLP chunk in prefill, to bound its memory (`prefill`).
+    compile: decode under torch.compile (the first call compiles, for tens of seconds).
     """
     check_sampling(max_new_tokens, temperature, top_p)
     parts = adapter_for(model)
@@ -138,7 +140,8 @@ def stream(
         parts, input_ids, method, max_new_tokens=max_new_tokens, on_layer=on_layer, chunk_size=prefill_chunk
     )
     prefilled = Prefilled(method, len(ids), cache, logits, trace, _now(parts.device) - start)
-    return (yield from _decode(model, tokenizer, parts, prefilled, max_new_tokens, temperature, top_p, seed, stop))
+    options = (max_new_tokens, temperature, top_p, seed, stop, compile)
+    return (yield from _decode(model, tokenizer, parts, prefilled, *options))
 
 
 def generate_many(
@@ -153,6 +156,7 @@ def generate_many(
     stop: Sequence[str] = (),
     chat: bool = False,
     prefill_chunk: int | None = None,
+    compile: bool = False,
 ) -> list[GenerationResult]:
     """One result per method, as `generate` would give for each alone, from one shared prefill
     (`fastkv.shared.prefill_many`). Each result's prefill_seconds is the shared prefill's time."""
@@ -168,7 +172,8 @@ def generate_many(
     results = []
     for method, (cache, logits, trace) in zip(bound, prefilled, strict=True):
         done = Prefilled(method, len(ids), cache, logits, trace, seconds, shared_by=len(bound))
-        results.append(_drain(_decode(model, tokenizer, parts, done, max_new_tokens, temperature, top_p, seed, stop)))
+        options = (max_new_tokens, temperature, top_p, seed, stop, compile)
+        results.append(_drain(_decode(model, tokenizer, parts, done, *options)))
     return results
 
 
@@ -202,7 +207,7 @@ def _drain(pieces: Generator[str, None, GenerationResult], on_text: Callable[[st
 
 
 def _decode(
-    model, tokenizer, parts, p: Prefilled, max_new_tokens, temperature, top_p, seed, stop
+    model, tokenizer, parts, p: Prefilled, max_new_tokens, temperature, top_p, seed, stop, compile=False
 ) -> Generator[str, None, GenerationResult]:
     """Sample from the prefill's logits, then decode step by step until EOS, a stop string or the limit."""
     generator = None
@@ -218,7 +223,7 @@ def _decode(
     for step in range(max_new_tokens):
         if step:
             token_ids = torch.tensor([out[-1]], device=parts.device)
-            logits = decode_step(parts, cache, token_ids, cache.position_base + step - 1)
+            logits = decode_step(parts, cache, token_ids, cache.position_base + step - 1, compiled=compile)
             steps += 1
         token = sample(logits[0], temperature, top_p, generator)
         if token in eos:
@@ -271,7 +276,8 @@ def generate(
 
     Options: max_new_tokens, temperature (0 = greedy), top_p, seed, stop (strings), chat (apply the
     tokenizer's chat template), on_layer (prefill progress callback), prefill_chunk (queries per chunk in
-    prefill, to bound its memory on long prompts). `on_text` receives text as it is produced (streaming).
+    prefill, to bound its memory on long prompts), compile (decode under torch.compile). `on_text`
+    receives text as it is produced (streaming).
     """
     return _drain(stream(model, tokenizer, prompt, method, **options), on_text)
 
