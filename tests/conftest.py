@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -52,3 +54,20 @@ def family(request) -> str:
 def prompt_ids(length: int, seed: int = 1, vocab: int = 128) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (1, length), generator=g)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Qwen2 model with qwen2.5-0.5b's tokenizer, saved like any local model."""
+    from fastkv.models import REGISTRY, load_tokenizer, part_paths
+
+    if not part_paths(REGISTRY["qwen2.5-0.5b"]):
+        if os.environ.get("FASTKV_REQUIRE_MODELS") == "1":
+            raise RuntimeError("qwen2.5-0.5b is not installed (its tokenizer is needed)")
+        pytest.skip("qwen2.5-0.5b is not installed (its tokenizer is needed)")
+    tokenizer = load_tokenizer("qwen2.5-0.5b", progress=False)
+    model = build_tiny("qwen2", vocab_size=len(tokenizer), max_position_embeddings=4096)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

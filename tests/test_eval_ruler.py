@@ -20,8 +20,6 @@ from fastkv.eval.data import DataNotInstalledError, essay_words, sentences
 from fastkv.methods import make_method, make_with_shared
 from fastkv.models import REGISTRY, load_tokenizer, part_paths
 
-from .conftest import build_tiny
-
 try:
     essay_words()
     missing = None if part_paths(REGISTRY["qwen2.5-0.5b"]) else "qwen2.5-0.5b is not installed"
@@ -95,16 +93,6 @@ def test_niah_prompt_and_heatmaps(tokenizer, tmp_path):
     files = niah.heatmaps(rows, tmp_path)
     assert [f.name for f in files] == ["niah_fullkv.png", "niah_snapkv.png", "niah_methods.png"]
     assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tokenizer, tmp_path_factory):
-    """A tiny random Qwen2 model with qwen2.5-0.5b's tokenizer, saved like any local model."""
-    model = build_tiny("qwen2", vocab_size=len(tokenizer), max_position_embeddings=4096)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_end_to_end_ruler_eval_resumes(tiny_dir, tmp_path):

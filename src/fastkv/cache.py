@@ -22,8 +22,9 @@ class KVCache:
     prompt_len: int
     max_new_tokens: int
     # Position of the first decoded token: after the last position prefill wrote (default prompt_len;
-    # a reducer that reruns the model on a renumbered, shorter prompt makes it smaller).
-    position_base: int = -1
+    # a reducer that reruns the model on a renumbered, shorter prompt makes it smaller). A ragged batch's
+    # cache (`fastkv.batch.merge`) holds one per row, [B].
+    position_base: int | torch.Tensor = -1
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     # Original prompt positions of the entries written at prefill, [B, Hkv, kept_i] (for inspection).
@@ -37,7 +38,7 @@ class KVCache:
     steps: int = 0  # tokens decoded into the cache so far
 
     def __post_init__(self) -> None:
-        if self.position_base < 0:
+        if isinstance(self.position_base, int) and self.position_base < 0:
             self.position_base = self.prompt_len
 
     def store(

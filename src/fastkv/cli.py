@@ -68,14 +68,41 @@ def generate(
         None, help="attend and run MLPs over this many prompt tokens at a time in prefill (bounds its memory)"
     ),
     compile: bool = typer.Option(False, "--compile", help="decode under torch.compile (compiling takes a while)"),
+    batch: Path | None = typer.Option(
+        None, "--batch", help='JSONL file, one {"prompt": ..., "id": ...} per line: decoded as one ragged batch'
+    ),
+    out_file: Path | None = typer.Option(None, "--out", "-o", help="with --batch: write the JSONL results here"),
     **knobs,
 ) -> None:
-    """Generate a completion for a long context (from a file or stdin), streaming it to stdout."""
+    """Generate a completion for a long context (from a file or stdin), streaming it to stdout.
+
+    With --batch, generate for every prompt of a JSONL file at once and write one JSON line per prompt,
+    in order (text, finish_reason, token counts, timings).
+    """
+    from .batch_cli import read_prompts, run_batch
+
     try:
         make_method(method, **knobs)  # fail fast, before loading the model
         check_chunk(prefill_chunk)
     except ValueError as e:
         fail(str(e).replace("chunk_size", "--prefill-chunk"))
+    if batch is not None:
+        if prompt_file is not None or question is not None:
+            fail("--batch takes its prompts from the file: leave out --prompt-file and --question")
+        try:
+            rows = read_prompts(batch)
+        except ValueError as e:
+            fail(str(e))
+        llm = load_llm(model, dtype, device)
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+        try:
+            chosen, _ = llm.method(method, **knobs)
+            run_batch(llm, chosen, rows, out_file, chat=chat, prefill_chunk=prefill_chunk, compile=compile, **options)
+        except ValueError as e:
+            fail(str(e))
+        return
+    if out_file is not None:
+        fail("--out goes with --batch (a single answer streams to stdout)")
     if prompt_file is not None:
         if not prompt_file.is_file():
             fail(f"prompt file {prompt_file} does not exist")

@@ -206,6 +206,59 @@ def _drain(pieces: Generator[str, None, GenerationResult], on_text: Callable[[st
             on_text(piece)
 
 
+class Transcript:
+    """The text of one sequence's generated tokens, ended by EOS or cut at the first stop string."""
+
+    def __init__(self, tokenizer, eos: set[int], stop: Sequence[str]) -> None:
+        self.tokenizer, self.eos, self.stops = tokenizer, eos, [s for s in stop if s]
+        self.out: list[int] = []
+        self.text, self.emitted, self.finish = "", 0, "length"
+
+    def add(self, token: int) -> bool:
+        """Take the next token; False once the sequence has ended (this token was EOS or made a stop string)."""
+        if token in self.eos:
+            self.finish = "eos"
+            return False
+        self.out.append(token)
+        self.text = self.tokenizer.decode(self.out, skip_special_tokens=True)
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.finish = self.text[: min(hits)], "stop"
+            return False
+        return True
+
+    def ready(self, final: bool = False) -> str:
+        """Text not emitted yet that no later token can change (all of it when final)."""
+        end = len(self.text) if final else len(self.text) - _held_back(self.text, self.stops)
+        piece = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted += len(piece)
+        return piece
+
+
+def _result(p: Prefilled, t: Transcript, kv: tuple[int, int, list[int]], decode_seconds: float, steps: int):
+    """The result of a finished sequence; kv: the cache's bytes after prefill, a full cache's, entries per layer."""
+    return GenerationResult(
+        text=t.text,
+        token_ids=t.out,
+        finish_reason=t.finish,
+        method=p.method.spec,
+        first_logits=p.logits[0],
+        stats=GenerationStats(
+            method=p.method.spec,
+            prompt_tokens=p.prompt_tokens,
+            new_tokens=len(t.out),
+            prefill_seconds=p.seconds,
+            decode_seconds=decode_seconds,
+            decode_steps=steps,
+            kv_entries_per_layer=kv[2],
+            tokens_per_layer=p.trace.tokens_per_layer,
+            kv_bytes=kv[0],
+            kv_bytes_full=kv[1],
+            prefill_shared_by=p.shared_by,
+        ),
+    )
+
+
 def _decode(
     model, tokenizer, parts, p: Prefilled, max_new_tokens, temperature, top_p, seed, stop, compile=False
 ) -> Generator[str, None, GenerationResult]:
@@ -213,55 +266,24 @@ def _decode(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=parts.device).manual_seed(seed)
-    eos = eos_ids(model, tokenizer)
-    stops = [s for s in stop if s]
+    transcript = Transcript(tokenizer, eos_ids(model, tokenizer), stop)
     cache, logits = p.cache, p.logits
-    kv_bytes, kv_bytes_full = cache.nbytes(), cache.full_nbytes()
-    out: list[int] = []
-    text, emitted, finish, steps = "", 0, "length", 0
+    kv = cache.nbytes(), cache.full_nbytes(), cache.kept_per_layer
+    steps = 0
     start = _now(parts.device)
     for step in range(max_new_tokens):
         if step:
-            token_ids = torch.tensor([out[-1]], device=parts.device)
+            token_ids = torch.tensor([transcript.out[-1]], device=parts.device)
             logits = decode_step(parts, cache, token_ids, cache.position_base + step - 1, compiled=compile)
             steps += 1
-        token = sample(logits[0], temperature, top_p, generator)
-        if token in eos:
-            finish = "eos"
+        if not transcript.add(sample(logits[0], temperature, top_p, generator)):
             break
-        out.append(token)
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        if hits:
-            text, finish = text[: min(hits)], "stop"
-            break
-        ready = len(text) - _held_back(text, stops)
-        if ready > emitted:
-            yield text[emitted:ready]
-            emitted = ready
+        if piece := transcript.ready():
+            yield piece
     decode_seconds = _now(parts.device) - start
-    if len(text) > emitted:
-        yield text[emitted:]
-    return GenerationResult(
-        text=text,
-        token_ids=out,
-        finish_reason=finish,
-        method=p.method.spec,
-        first_logits=p.logits[0],
-        stats=GenerationStats(
-            method=p.method.spec,
-            prompt_tokens=p.prompt_tokens,
-            new_tokens=len(out),
-            prefill_seconds=p.seconds,
-            decode_seconds=decode_seconds,
-            decode_steps=steps,
-            kv_entries_per_layer=cache.kept_per_layer,
-            tokens_per_layer=p.trace.tokens_per_layer,
-            kv_bytes=kv_bytes,
-            kv_bytes_full=kv_bytes_full,
-            prefill_shared_by=p.shared_by,
-        ),
-    )
+    if piece := transcript.ready(final=True):
+        yield piece
+    return _result(p, transcript, kv, decode_seconds, steps)
 
 
 def generate(
@@ -280,6 +302,11 @@ def generate(
     receives text as it is produced (streaming).
     """
     return _drain(stream(model, tokenizer, prompt, method, **options), on_text)
+
+
+def is_batch(prompt) -> bool:
+    """A list of prompts (texts or token-id lists), not one prompt given as token ids."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
 
 
 class LLM:
@@ -319,7 +346,17 @@ class LLM:
             return make_method(spec, **knobs), "paper"
         return make_method(spec, defaults={PRESET: self.profile.knobs}, **knobs), self.profile.source
 
-    def generate(self, prompt: str | Sequence[int], method: Method | str | None = None, **options) -> GenerationResult:
+    def generate(self, prompt, method: Method | str | None = None, **options):
+        """A GenerationResult for a prompt (text or token ids); for a list of prompts, a list of them, in order,
+        decoded together as one ragged batch (`fastkv.batch.generate_batch`; options then take on_result)."""
+        if is_batch(prompt):
+            from .batch import generate_batch
+
+            chosen, source = self.method(method)
+            results = generate_batch(self.model, self.tokenizer, prompt, chosen, **options)
+            for result in results:
+                result.stats.defaults = source
+            return results
         return _drain(
             self.stream(prompt, method, **{k: v for k, v in options.items() if k != "on_text"}), options.get("on_text")
         )
