@@ -169,3 +169,23 @@ def test_every_method_on_a_2k_passkey(llm):
     assert selectors <= correct, (shares, correct)
     assert all(shares[name] >= 0.5 for name in selectors - {"pyramidkv"}), shares
     assert "streamingllm" not in correct
+
+
+def test_half_precision_weights_are_cached_per_dtype():
+    from fastkv.models import load, prepare, prepare_dtype
+
+    spec = REGISTRY["smollm2-135m"]
+    if part_paths(spec) is None:
+        pytest.skip("smollm2-135m is not installed")
+    path = prepare_dtype(spec, torch.bfloat16, progress=False)
+    assert path.name == prepare(spec).name + "-bfloat16" and (path / "complete").exists()
+    assert prepare_dtype(spec, torch.float32) == prepare(spec)
+
+    def weight_bytes(folder) -> int:
+        return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+    assert weight_bytes(path) < 0.55 * weight_bytes(prepare(spec))  # 2 bytes a weight, not 4
+    half, _ = load("smollm2-135m", dtype="bfloat16", progress=False)
+    full, _ = load("smollm2-135m", progress=False)
+    for (name, a), (_, b) in zip(half.state_dict().items(), full.state_dict().items(), strict=True):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16)), name

@@ -148,6 +148,30 @@ def prepare(spec: ModelSpec, progress: bool = True) -> Path:
     return final
 
 
+def prepare_dtype(spec: ModelSpec, dtype: torch.dtype, progress: bool = True) -> Path:
+    """The directory of a registered model's weights in `dtype`, written once from the float32 copy, so
+    that later loads read (and convert) nothing more than they keep."""
+    full = prepare(spec, progress=progress)
+    if dtype == torch.float32:
+        return full
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(dtype).removeprefix("torch.")
+    final = full.with_name(f"{full.name}-{name}")
+    if (final / "complete").exists():
+        return final
+    work = final.with_name(final.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    with Console(stderr=True).status(f"saving {spec.name} in {name} (once)", spinner="dots"):
+        AutoModelForCausalLM.from_pretrained(full, dtype=dtype).save_pretrained(work)
+        AutoTokenizer.from_pretrained(full).save_pretrained(work)
+    shutil.rmtree(final, ignore_errors=True)
+    work.rename(final)
+    (final / "complete").write_text(f"{spec.sha256} {name}\n")
+    return final
+
+
 def check_device(device: str | torch.device) -> None:
     """Raise ValueError naming a device that this torch build or machine does not have."""
     try:
@@ -180,7 +204,7 @@ def load(
     check_device(device)
     kwargs: dict = {}
     if name in REGISTRY:
-        source = prepare(REGISTRY[name], progress=progress)
+        source = prepare_dtype(REGISTRY[name], dtype, progress=progress)
     elif name.endswith(".gguf") and Path(name).is_file():
         source, kwargs = Path(name).parent, {"gguf_file": Path(name).name}
     elif Path(name).is_dir() or _looks_like_hub_id(name):
