@@ -1,0 +1,84 @@
+"""Decode throughput of a ragged batch against a single sequence, measured side by side in one run.
+
+    python benchmarks/batch_decode.py                          # qwen2.5-0.5b, 4K context, FastKV caches
+    python benchmarks/batch_decode.py --dtype bfloat16 --compile --batches 1,8,16
+
+One 4K-token prompt is prefilled once per method; its cache is merged into batches of B copies
+(`fastkv.batch.merge`: the same buffers a batch of B different prompts would have), and decode steps
+are timed for each B. Tokens/s = B / (median step time). Each row prints the speedup of its tokens/s
+over the single sequence's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from fastkv import adapter_for, decode_step, prefill
+from fastkv.batch import merge
+from fastkv.methods import make_methods
+from fastkv.models import load
+
+
+def step_ms(parts, cache, tokens, steps: int, compiled: bool) -> float:
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        decode_step(parts, cache, tokens, cache.position_base + step, compiled=compiled)
+        if parts.device.type == "cuda":
+            torch.cuda.synchronize(parts.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--methods", default="fastkv,fullkv", help="comma-separated method specs (retain 0.1)")
+    ap.add_argument("--length", type=int, default=4096, help="prompt tokens")
+    ap.add_argument("--batches", default="1,2,4,8", help="batch sizes")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps timed (median)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="decode under torch.compile")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    try:
+        methods = make_methods(args.methods, retain_rate=0.1, tsp_rate=0.2)
+        model, _ = load(args.model, dtype=args.dtype, device=args.device, progress=False)
+    except ValueError as e:
+        ap.error(str(e))
+    parts = adapter_for(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, model.config.vocab_size - 100, (1, args.length), generator=g).to(parts.device)
+    print(
+        f"# {args.model} {args.dtype}{' compiled' if args.compile else ''} on "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{args.length}-token prompt, {args.steps} decode steps (median)"
+    )
+    print(f"{'method':<10} {'batch':>5} {'KV MiB':>8} {'step ms':>8} {'tok/s':>8} {'x batch 1':>9}")
+    for method in methods:
+        bound = method.bind(parts.num_layers)
+        cache, logits, _ = prefill(parts, ids, bound, max_new_tokens=args.steps + 4)
+        token = logits.argmax(-1)
+        single = None
+        for b in batches:
+            batch = merge([cache] * b)
+            tokens = token.expand(b).contiguous()
+            step_ms(parts, merge([cache] * b), tokens, 2, args.compile)  # warm up (and compile) this shape
+            ms = step_ms(parts, batch, tokens, args.steps, args.compile)
+            rate = b * 1e3 / ms
+            single = single or rate
+            kv = sum(k.numel() * k.element_size() * 2 for k in batch.keys) / 2**20
+            print(f"{method.name:<10} {b:>5} {kv:>8.1f} {ms:>8.1f} {rate:>8.1f} {rate / single:>9.2f}")
+        print(f"#   {bound.spec}")
+
+
+if __name__ == "__main__":
+    main()
