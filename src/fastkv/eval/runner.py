@@ -81,6 +81,12 @@ def _key(row: dict) -> tuple:
     return (row["model"], row["setting"], settings, row["method"], row["task"], row["index"])
 
 
+def logits_name(model: str, setting: str, settings: dict, task: str, index: int) -> str:
+    """The file in logits/ that holds FullKV's first-token logits for one item of a run."""
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{model.replace('/', '_')}-{setting}-{digest}-{task}-{index}.pt"
+
+
 def label_of(model: str, setting: str, settings: dict, spec: str) -> str:
     """A run's label in the summaries: model | setting (and dtype) | canonical method spec."""
     dtype = settings.get("dtype")
@@ -152,9 +158,7 @@ def run(
         task_id = bar.add_task(f"{model_name} {setting}", total=todo)
         for item in items:
             ids = llm.tokenizer(item.prompt, add_special_tokens=item.special_tokens)["input_ids"]
-            digest = hashlib.sha1(tag.encode()).hexdigest()[:8]
-            name = f"{model_name.replace('/', '_')}-{setting}-{digest}-{item.task}-{item.index}.pt"
-            logits_path = out / "logits" / name
+            logits_path = out / "logits" / logits_name(model_name, setting, settings, item.task, item.index)
             full_key = (model_name, setting, tag, "fullkv", item.task, item.index)
             full_answer = done.get(full_key, {}).get("prediction")
             full_logits = torch.load(logits_path) if logits_path.exists() else None
