@@ -60,3 +60,18 @@ def test_compiled_decode_equals_eager():
             fast = decode_step(parts, compiled, token, n + step, compiled=True)
             assert torch.allclose(fast, logits, rtol=1e-4, atol=1e-5), (fast - logits).abs().max()
             assert compiled.slots[0].tolist() == eager.slots[0].tolist()
+
+
+@pytest.mark.parametrize(
+    "name", ["fullkv", "snapkv", "fastkv", "pyramidkv", "adakv", "gemfilter", "streamingllm", "h2o", "pyramidinfer"]
+)
+def test_policies_bound_their_cache_before_prefill(name):
+    # What a server reserves before prefill is never less than what prefill then caches.
+    from .fixtures.record_presets import CONFIGS
+
+    parts = adapter_for(build_tiny("qwen2"))
+    method = make_method(name, **CONFIGS[name]).bind(parts.num_layers)
+    for n in (20, 96, 200):
+        cache, _, _ = prefill(parts, prompt_ids(n, seed=n), method)
+        for i, kept in enumerate(cache.kept_per_layer):
+            assert kept <= method.policy.max_entries(n, i, parts.num_layers, parts.num_kv_heads), (n, i)

@@ -116,8 +116,9 @@ class Row:
 class DecodeBatch:
     """Sequences decoding together, one token each per `step`; sequences join and leave between steps."""
 
-    def __init__(self, model, tokenizer, compile: bool = False) -> None:
-        self.model, self.tokenizer, self.compile = model, tokenizer, compile
+    def __init__(self, model, tokenizer, compile: bool = False, on_text: Callable[[object, str], None] | None = None):
+        """on_text(key, piece) receives each row's text as it becomes final (for streaming)."""
+        self.model, self.tokenizer, self.compile, self.on_text = model, tokenizer, compile, on_text
         self.parts = adapter_for(model)
         self.eos = eos_ids(model, tokenizer)
         self.rows: list[Row] = []
@@ -153,6 +154,7 @@ class DecodeBatch:
         )
         if not row.transcript.add(sample(prefilled.logits[0], temperature, top_p, generator)) or max_new_tokens == 1:
             return self._finish(row)
+        self._emit(row)
         self.cache = cache if self.cache is None else merge([self.cache, cache])
         self.rows.append(row)
         return None
@@ -172,14 +174,30 @@ class DecodeBatch:
             going = row.transcript.add(sample(logits[b], row.temperature, row.top_p, row.generator))
             if going and len(row.transcript.out) < row.limit:
                 keep.append(b)
+                self._emit(row)
             else:
                 done.append((row.key, self._finish(row)))
+        self._keep(keep)
+        return done
+
+    def cancel(self, key) -> bool:
+        """Drop a row now (a client that went away); False if no row has that key."""
+        keep = [b for b, row in enumerate(self.rows) if row.key != key]
+        found = len(keep) < len(self.rows)
+        self._keep(keep)
+        return found
+
+    def _keep(self, keep: list[int]) -> None:
         if len(keep) < len(self.rows):
             self.rows = [self.rows[b] for b in keep]
             self.cache = keep_rows(self.cache, keep) if keep else None
-        return done
+
+    def _emit(self, row: Row, final: bool = False) -> None:
+        if self.on_text is not None and (piece := row.transcript.ready(final)):
+            self.on_text(row.key, piece)
 
     def _finish(self, row: Row) -> GenerationResult:
+        self._emit(row, final=True)
         seconds = _now(self.parts.device) - row.started if row.started is not None else 0.0
         return _result(row.prefilled, row.transcript, row.kv, seconds, row.steps)
 

@@ -245,6 +245,10 @@ class Allocator(Part):
         """Entries per head that `layer` keeps (window included); the mean over layers is `budget`."""
         return budget
 
+    def longest_head(self, per_head: int, kv_heads: int) -> int:
+        """At most how many prefix entries one head keeps when heads keep `per_head` on average."""
+        return per_head
+
     def select(self, scores: torch.Tensor, per_head: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prefix entries to keep from scores [B, Hkv, p], `per_head` per head on average.
 
@@ -290,6 +294,12 @@ class CachePolicy(Part):
     def kv_budget(self, prompt_len: int) -> int | None:
         """Mean entries per layer and head it keeps of a prompt of prompt_len tokens (None: all)."""
         return None
+
+    def max_entries(self, prompt_len: int, layer: int, num_layers: int, kv_heads: int) -> int:
+        """At most how many entries per KV head `layer` caches from a prompt of prompt_len tokens, padding
+        included: what a server reserves before the prefill that tells the exact count."""
+        budget = self.kv_budget(prompt_len)
+        return prompt_len if budget is None else min(prompt_len, budget)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,6 +27,9 @@ class Adaptive(Allocator):
     def check(self) -> None:
         check_rate(self, "alpha")
 
+    def longest_head(self, per_head: int, kv_heads: int) -> int:
+        return kv_heads * per_head  # one head may take the whole layer's share
+
     def select(self, scores: torch.Tensor, per_head: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, hkv, prefix = scores.shape
         guaranteed = int(self.alpha * per_head)

@@ -34,6 +34,11 @@ class TopK(Budgeted):
     def observed_window(self) -> int:
         return self.scorer.window_size if self.scorer.observes else 0
 
+    def max_entries(self, prompt_len: int, layer: int, num_layers: int, kv_heads: int) -> int:
+        w = self.scorer.window_size
+        budget = self.allocator.layer_budget(self.kv_budget(prompt_len), w, layer, num_layers)
+        return min(prompt_len, self.allocator.longest_head(budget - w, kv_heads) + w)
+
     def entries(self, layer: LayerState) -> Selection | None:
         w = self.scorer.window_size
         budget = self.allocator.layer_budget(self.kv_budget(layer.prompt_len), w, layer.index, layer.num_layers)
