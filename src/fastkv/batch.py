@@ -133,8 +133,10 @@ class DecodeBatch:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        ignore_eos: bool = False,
     ) -> GenerationResult | None:
-        """Add a prefilled sequence; its result at once if its first token already ends it."""
+        """Add a prefilled sequence; its result at once if its first token already ends it.
+        ignore_eos: go on past EOS to max_new_tokens (load tests want fixed lengths)."""
         check_sampling(max_new_tokens, temperature, top_p)
         cache = prefilled.cache
         if cache.keys[0].shape[0] != 1:
@@ -145,7 +147,7 @@ class DecodeBatch:
         row = Row(
             key,
             replace(prefilled, cache=None),
-            Transcript(self.tokenizer, self.eos, stop),
+            Transcript(self.tokenizer, set() if ignore_eos else self.eos, stop),
             max_new_tokens,
             temperature,
             top_p,

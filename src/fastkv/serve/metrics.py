@@ -1,0 +1,25 @@
+"""Prometheus metrics of one server (its own registry, so that several servers may live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("fastkv_requests", "requests answered, by HTTP status", ["status"], registry=r)
+        self.cancelled = Counter("fastkv_cancelled", "requests dropped because their client went away", registry=r)
+        self.tokens = Counter("fastkv_generated_tokens", "tokens generated", registry=r)
+        self.prompt_tokens = Counter("fastkv_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.running = Gauge("fastkv_running_requests", "requests in the decode batch", registry=r)
+        self.queued = Gauge("fastkv_queued_requests", "requests waiting for memory or a batch row", registry=r)
+        self.kv_bytes = Gauge("fastkv_kv_cache_bytes", "bytes of the decode batch's K/V buffers", registry=r)
+        self.queue_seconds = Histogram("fastkv_queue_seconds", "time from arrival to prefill", registry=r)
+        self.prefill_seconds = Histogram("fastkv_prefill_seconds", "prefill time per request", registry=r)
+
+    def finished(self, result) -> None:
+        self.tokens.inc(result.stats.new_tokens)
+        self.prompt_tokens.inc(result.stats.prompt_tokens)
+        self.prefill_seconds.observe(result.stats.prefill_seconds)

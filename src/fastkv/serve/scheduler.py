@@ -1,0 +1,223 @@
+"""The server's engine loop: admission by KV memory, one prefill at a time, continuous batched decoding.
+
+One thread owns the model. Each turn of its loop it
+1. drops cancelled requests (a client that went away) from the queue or the batch, freeing their cache;
+2. admits the request at the head of the queue if the batch has a free row and its cache fits in the
+   memory left (`kv_bytes_after`: the batch's caches after the join, from the policy's bound on entries
+   per layer, known before prefill), then prefills it alone and lets it join the running batch;
+3. runs one decode step for every running request.
+So a long prefill pauses the running streams for that one prefill, never longer: between two prefills
+there is always a decode step. Requests wait in a bounded queue, first come first served (a large request
+at the head is not overtaken, so it cannot starve); a full queue refuses new ones (`QueueFull`).
+
+Results travel to the asyncio side through each job's queue of events: ("text", piece), then
+("done", GenerationResult) or ("error", message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..batch import DecodeBatch
+from ..engine import check_prompt, prefill
+from ..generate import GenerationResult, Prefilled, check_sampling
+from ..methods import Method
+
+
+class QueueFull(Exception):
+    """The wait queue is full: come back later."""
+
+
+@dataclass(eq=False)
+class Job:
+    ids: list[int]
+    method: Method  # bound
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    ignore_eos: bool = False
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    need: list[int] = field(default_factory=list)  # entries per layer it may hold: the bound, then the room
+    cancelled: bool = False
+    id: int = field(default_factory=itertools.count().__next__)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    def send(self, kind: str, value) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+class Scheduler:
+    def __init__(self, llm, kv_bytes: int, max_batch: int, max_queue: int, metrics=None, compile: bool = False):
+        self.llm, self.parts = llm, llm.parts
+        self.kv_limit, self.max_batch, self.max_queue = kv_bytes, max_batch, max_queue
+        self.metrics = metrics
+        self.queue: deque[Job] = deque()
+        self.jobs: dict[int, Job] = {}  # running, by id
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.batch = DecodeBatch(llm.model, llm.tokenizer, compile=compile, on_text=self._on_text)
+        p = self.parts
+        self.entry_bytes = 2 * p.num_kv_heads * p.head_dim * p.embed_tokens.weight.element_size()  # K and V
+        self.thread = threading.Thread(target=self._run, name="fastkv-engine", daemon=True)
+
+    # -- the asyncio side ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def make_job(
+        self,
+        ids: list[int],
+        method: Method,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: list[str],
+        loop: asyncio.AbstractEventLoop,
+        ignore_eos: bool = False,
+    ) -> Job:
+        """A job for a prompt, checked: ValueError names what the model or the memory cannot take."""
+        check_sampling(max_tokens, temperature, top_p)
+        check_prompt(self.parts, len(ids), max_tokens)
+        n, layers, heads = len(ids), self.parts.num_layers, self.parts.num_kv_heads
+        need = [method.policy.max_entries(n, i, layers, heads) + max_tokens for i in range(layers)]
+        job = Job(ids, method, max_tokens, temperature, top_p, seed, list(stop), loop, ignore_eos, need=need)
+        alone = self.entry_bytes * sum(need)
+        if alone > self.kv_limit:
+            raise ValueError(
+                f"this request's KV cache may need {alone / 2**20:.1f} MiB, more than the server's "
+                f"{self.kv_limit / 2**20:.1f} MiB (--kv-mib): shorten the prompt or use a smaller KV budget"
+            )
+        return job
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"{len(self.queue)} requests are waiting already (--max-queue)")
+            self.queue.append(job)
+            self._gauges()
+            self.cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        with self.cond:
+            job.cancelled = True
+            self.cond.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Admit nothing more, cancel what waits, let running requests finish (up to timeout), then stop."""
+        with self.cond:
+            self.stopping = True
+            for job in self.queue:
+                job.send("error", "the server is shutting down")
+            self.queue.clear()
+            self.cond.notify()
+        self.thread.join(timeout)
+        with self.cond:
+            for job in self.jobs.values():
+                job.cancelled = True
+
+    # -- the engine thread -----------------------------------------------------------------------------
+    def kv_bytes_now(self) -> int:
+        cache = self.batch.cache
+        return 0 if cache is None else sum(k.numel() * k.element_size() * 2 for k in cache.keys)
+
+    def kv_bytes_after(self, job: Job) -> int:
+        """The batch's K/V bytes once `job` has joined: every layer holds B + 1 rows of the longest need."""
+        cache, rows = self.batch.cache, len(self.batch.rows)
+        if cache is None:
+            return self.entry_bytes * sum(job.need)
+        room = cache.max_new_tokens - cache.steps
+        now = [int(s.max()) + room for s in cache.slots]
+        return self.entry_bytes * (rows + 1) * sum(max(a, b) for a, b in zip(now, job.need, strict=True))
+
+    def _admissible(self) -> Job | None:
+        if not self.queue or len(self.batch.rows) >= self.max_batch:
+            return None
+        head = self.queue[0]
+        return head if self.kv_bytes_after(head) <= self.kv_limit else None
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                self._drop_cancelled()
+                while not self.stopping and not self.batch.rows and self._admissible() is None:
+                    self.cond.wait()
+                    self._drop_cancelled()
+                if self.stopping and not self.batch.rows:
+                    return
+                job = None if self.stopping else self._admissible()
+                if job is not None:
+                    self.queue.popleft()
+                    self.jobs[job.id] = job
+            if job is not None:
+                try:
+                    self._prefill(job)
+                except Exception as e:  # this request's fault (or the engine's): it alone fails
+                    self.jobs.pop(job.id, None)
+                    job.send("error", f"prefill failed: {type(e).__name__}: {e}")
+            try:
+                if self.batch.rows:
+                    for key, result in self.batch.step():
+                        self._finish(self.jobs[key], result)
+            except Exception as e:  # a fault in a decode step must not take the server down
+                self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
+            with self.cond:
+                self._gauges()
+
+    def _prefill(self, job: Job) -> None:
+        if self.metrics:
+            self.metrics.queue_seconds.observe(time.perf_counter() - job.queued_at)
+        start = time.perf_counter()
+        ids = torch.tensor([job.ids], device=self.parts.device)
+        with torch.inference_mode():
+            cache, logits, trace = prefill(self.parts, ids, job.method, job.max_tokens)
+        done = Prefilled(job.method, len(job.ids), cache, logits, trace, time.perf_counter() - start)
+        options = (job.max_tokens, job.temperature, job.top_p, job.seed, job.stop, job.ignore_eos)
+        result = self.batch.join(job.id, done, *options)
+        if result is not None:
+            self._finish(job, result)
+
+    def _on_text(self, key, piece: str) -> None:
+        self.jobs[key].send("text", piece)
+
+    def _finish(self, job: Job, result: GenerationResult) -> None:
+        self.jobs.pop(job.id, None)
+        job.send("done", result)
+        if self.metrics:
+            self.metrics.finished(result)
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self.queue if j.cancelled]:
+            self.queue.remove(job)
+        dropped = [j for j in self.jobs.values() if j.cancelled]
+        for job in dropped:
+            self.batch.cancel(job.id)
+            self.jobs.pop(job.id)
+        if dropped:
+            self._gauges()  # before the count, so that a watcher of the count sees the memory freed
+            if self.metrics:
+                self.metrics.cancelled.inc(len(dropped))
+
+    def _fail_all(self, message: str) -> None:
+        for job in list(self.jobs.values()):
+            self.batch.cancel(job.id)
+            job.send("error", message)
+        self.jobs.clear()
+
+    def _gauges(self) -> None:
+        if self.metrics:
+            self.metrics.running.set(len(self.batch.rows))
+            self.metrics.queued.set(len(self.queue))
+            self.metrics.kv_bytes.set(self.kv_bytes_now())

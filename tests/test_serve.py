@@ -1,0 +1,219 @@
+"""`fastkv serve` on a live 127.0.0.1 server, through the real openai client and plain HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+import uvicorn  # noqa: E402
+
+from fastkv import LLM  # noqa: E402
+from fastkv.serve.api import create_app  # noqa: E402
+
+METHOD = "snapkv(budget=64)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Live:
+    """A server in a thread of this process."""
+
+    def __init__(self, llm, **options) -> None:
+        self.app = create_app(llm, "tiny", options.pop("method", METHOD), **options)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    return LLM.load(str(tiny_dir), progress=False)
+
+
+@pytest.fixture(scope="module")
+def live(llm):
+    server = Live(llm, kv_mib=64, max_batch=4, max_queue=8)
+    yield server
+    server.close()
+
+
+def question(i: int) -> str:
+    return f"Item {i}: " + " ".join(f"w{j * i % 97}" for j in range(40 + 9 * i))
+
+
+def test_models_health_and_a_completion(live, llm):
+    assert [m.id for m in live.client.models.list()] == ["tiny"]
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+    done = live.client.completions.create(model="tiny", prompt=question(1), max_tokens=6, temperature=0)
+    alone = llm.generate(question(1), METHOD, max_new_tokens=6)
+    assert done.choices[0].text == alone.text
+    assert (
+        done.usage.completion_tokens == len(alone.token_ids) and done.usage.prompt_tokens == alone.stats.prompt_tokens
+    )
+    assert done.choices[0].finish_reason in ("length", "stop")
+    extra = done.model_extra["fastkv"]
+    assert extra["method"] == alone.stats.method and extra["kv_bytes"] == alone.stats.kv_bytes
+
+
+def test_chat_streams_what_it_answers(live, llm):
+    messages = [{"role": "user", "content": question(2)}]
+    whole = live.client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    pieces, finish = [], None
+    for chunk in live.client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True
+    ):
+        delta = chunk.choices[0].delta
+        pieces.append(delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    alone = llm.generate(question(2), METHOD, max_new_tokens=8, chat=True)
+    assert whole.choices[0].message.content == alone.text
+
+
+def test_concurrent_requests_answer_as_sequential_generation(live, llm):
+    def ask(i: int) -> str:
+        method = {"fastkv": {"method": "fastkv(tsp_layer=1, tsp_len=48, budget=64)"}} if i % 2 else None
+        reply = live.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": question(i)}], max_tokens=10, temperature=0,
+            extra_body=method,
+        )  # fmt: skip
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, range(6)))
+    for i, answer in enumerate(answers):
+        method = "fastkv(tsp_layer=1, tsp_len=48, budget=64)" if i % 2 else METHOD
+        assert answer == llm.generate(question(i), method, max_new_tokens=10, chat=True).text, i
+
+
+def test_a_disconnect_mid_stream_frees_its_slot(live):
+    body = {"model": "tiny", "prompt": question(3), "max_tokens": 400, "temperature": 0, "stream": True}
+    cancelled = live.metric("fastkv_cancelled_total")
+    with httpx.stream("POST", live.url + "/v1/completions", json=body) as response:
+        first = next(response.iter_lines())
+        assert first.startswith("data: ")
+    deadline = time.time() + 10
+    while live.metric("fastkv_cancelled_total") == cancelled and time.time() < deadline:
+        time.sleep(0.05)
+    assert live.metric("fastkv_cancelled_total") == cancelled + 1
+    assert live.metric("fastkv_running_requests") == 0 and live.metric("fastkv_kv_cache_bytes") == 0
+    again = live.client.completions.create(model="tiny", prompt=question(3), max_tokens=3, temperature=0)
+    assert again.usage.completion_tokens >= 1
+
+
+BAD = [
+    ("not json", "invalid_json", None),
+    (json.dumps({"model": "tiny"}), "invalid_value", "prompt"),
+    (json.dumps({"model": "other", "prompt": "hi"}), "model_not_found", "model"),
+    (json.dumps({"model": "tiny", "prompt": "hi", "temperature": 5}), "invalid_value", "temperature"),
+    (json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 0}), "invalid_value", "max_tokens"),
+    (json.dumps({"model": "tiny", "prompt": "hi", "top_p": 0}), "invalid_value", "top_p"),
+    (json.dumps({"model": "tiny", "prompt": "hi", "n": 2}), "invalid_value", "n"),
+    (json.dumps({"model": "tiny", "prompt": "hi", "fastkv": {"method": "snapkv("}}), "invalid_method", "fastkv.method"),
+    (json.dumps({"model": "tiny", "prompt": "hi", "fastkv": {"method": "snapkv(kernal=3)"}}), "invalid_method", None),
+    (json.dumps({"model": "tiny", "prompt": "word " * 5000}), "context_length_exceeded", "prompt"),
+    (json.dumps({"model": "tiny", "prompt": [1, 2, 10**9]}), None, "prompt"),
+]
+
+
+def test_malformed_requests_get_openai_errors_and_the_server_stays_up(live):
+    with httpx.Client(base_url=live.url) as http:
+        for i in range(100):
+            body, code, param = BAD[i % len(BAD)]
+            response = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+            assert 400 <= response.status_code < 500, (body, response.text)
+            error = response.json()["error"]
+            assert error["message"] and error["type"] == "invalid_request_error"
+            assert code is None or error["code"] == code, (body, error)
+            assert param is None or error["param"] == param, (body, error)
+        chat = http.post("/v1/chat/completions", json={"model": "tiny", "messages": []})
+        assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+    good = live.client.completions.create(model="tiny", prompt="hello", max_tokens=2)
+    assert good.choices[0].text is not None
+
+
+def test_a_request_waits_for_memory_and_a_full_queue_refuses(llm):
+    prompt = question(9) * 3
+    tokens = len(llm.tokenizer(prompt)["input_ids"])  # about 1060: with 2000 new tokens, within 4096
+    entry = 2 * llm.parts.num_kv_heads * llm.parts.head_dim * 4 * llm.parts.num_layers
+    server = Live(llm, kv_mib=1.5 * entry * (tokens + 2000) / 2**20, max_batch=8, max_queue=1)
+    try:
+        full = {
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": 2000,
+            "ignore_eos": True,
+            "fastkv": {"method": "fullkv"},
+        }
+        with httpx.stream("POST", server.url + "/v1/completions", json={**full, "stream": True}) as running:
+            assert running.status_code == 200
+            lines = running.iter_lines()  # kept: a dropped iterator would close the stream
+            next(lines)  # FullKV request 1 holds most of the memory now
+            waiting = ThreadPoolExecutor(1).submit(
+                httpx.post, server.url + "/v1/completions", json={**full, "max_tokens": 2}, timeout=60
+            )
+            deadline = time.time() + 10
+            while httpx.get(server.url + "/health").json()["queued"] < 1 and time.time() < deadline:
+                time.sleep(0.02)
+            assert httpx.get(server.url + "/health").json()["queued"] == 1  # request 2 waits for memory
+            refused = httpx.post(server.url + "/v1/completions", json=full)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "server_busy"
+        assert waiting.result().status_code == 200  # admitted once request 1 went away
+    finally:
+        server.close()
+
+
+def test_admission_holds_many_more_fastkv_requests_than_fullkv_in_the_same_memory(llm):
+    import asyncio
+
+    from fastkv.serve.api import resolve
+    from fastkv.serve.scheduler import Scheduler
+
+    ids = llm.tokenizer(question(9) * 6)["input_ids"]
+    entry = 2 * llm.parts.num_kv_heads * llm.parts.head_dim * 4
+    limit = int(2.5 * entry * llm.parts.num_layers * (len(ids) + 64))  # two and a half FullKV requests
+    loop = asyncio.new_event_loop()
+    held = {}
+    for spec in ("fullkv", "fastkv(tsp_layer=1, tsp_len=48, budget=96)"):
+        scheduler = Scheduler(llm, limit, max_batch=64, max_queue=64)  # its thread is not started: we drive it
+        method, _ = resolve(llm, spec)
+        for _ in range(40):
+            scheduler.submit(scheduler.make_job(ids, method, 64, 0.0, 1.0, None, [], loop))
+        while (job := scheduler._admissible()) is not None:
+            scheduler.queue.popleft()
+            scheduler.jobs[job.id] = job
+            scheduler._prefill(job)
+            assert scheduler.kv_bytes_now() <= limit  # what was reserved before prefill held
+        held[spec] = len(scheduler.batch.rows)
+    loop.close()
+    assert held["fullkv"] == 2
+    assert held["fastkv(tsp_layer=1, tsp_len=48, budget=96)"] >= 8 * held["fullkv"]
