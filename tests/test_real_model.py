@@ -189,3 +189,29 @@ def test_half_precision_weights_are_cached_per_dtype():
     full, _ = load("smollm2-135m", progress=False)
     for (name, a), (_, b) in zip(half.state_dict().items(), full.state_dict().items(), strict=True):
         assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16)), name
+
+
+def test_server_streams_a_4k_passkey_answer_with_the_default_method(llm):
+    """The openai client streams a chat completion from `fastkv serve` (its default method: FastKV with the
+    model's profile) and gets the exact 7-digit key."""
+    openai = pytest.importorskip("openai")
+    from .test_serve import Live
+
+    needle = passkey_prompt(llm.tokenizer, 4096, depth=0.5, seed=11, digits=7)
+    server = Live(llm, name="qwen2.5-0.5b", method="fastkv", kv_mib=512)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        pieces, stats = [], None
+        for chunk in client.chat.completions.create(
+            model="qwen2.5-0.5b",
+            messages=[{"role": "user", "content": needle.text}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+        ):
+            pieces.append(chunk.choices[0].delta.content or "")
+            stats = (chunk.model_extra or {}).get("fastkv") or stats
+        assert "".join(pieces).strip() == needle.answer
+        assert stats["defaults"].startswith("profile qwen2.5-0.5b") and stats["method"].startswith("fastkv(")
+    finally:
+        server.close()

@@ -31,7 +31,7 @@ class Live:
     """A server in a thread of this process."""
 
     def __init__(self, llm, **options) -> None:
-        self.app = create_app(llm, "tiny", options.pop("method", METHOD), **options)
+        self.app = create_app(llm, options.pop("name", "tiny"), options.pop("method", METHOD), **options)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
