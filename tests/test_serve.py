@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,43 +11,18 @@ import pytest
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
-import uvicorn  # noqa: E402
-
 from fastkv import LLM  # noqa: E402
-from fastkv.serve.api import create_app  # noqa: E402
+from fastkv.serve.thread import ServerThread  # noqa: E402
 
 METHOD = "snapkv(budget=64)"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Live:
-    """A server in a thread of this process."""
+class Live(ServerThread):
+    """A server in a thread, with an openai client for it (served as "tiny" unless name= says otherwise)."""
 
     def __init__(self, llm, **options) -> None:
-        self.app = create_app(llm, options.pop("name", "tiny"), options.pop("method", METHOD), **options)
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(llm, options.pop("name", "tiny"), options.pop("method", METHOD), **options)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
-
-    def metric(self, name: str) -> float:
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,46 @@
+"""A server running in a thread of this process (tests, benchmarks, notebooks)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from .api import create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """`create_app(llm, name, method, **options)` served on 127.0.0.1 at a free port until `close()`."""
+
+    def __init__(self, llm, name: str, method: str = "fastkv", **options) -> None:
+        self.app = create_app(llm, name, method, **options)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server thread stopped before it started")
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def metric(self, name: str) -> float:
+        """A metric's value from /metrics (unlabelled series)."""
+        import httpx
+
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
