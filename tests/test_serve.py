@@ -190,3 +190,14 @@ def test_admission_holds_many_more_fastkv_requests_than_fullkv_in_the_same_memor
     loop.close()
     assert held["fullkv"] == 2
     assert held["fastkv(tsp_layer=1, tsp_len=48, budget=96)"] >= 8 * held["fullkv"]
+
+
+def test_cli_refuses_bad_options_before_loading(tiny_dir):
+    from typer.testing import CliRunner
+
+    from fastkv.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir), "--kv-mib", "0"])
+    assert result.exit_code == 2 and "--kv-mib must be positive" in result.stderr
+    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir), "--method", "snapkv(budget=-1)"])
+    assert result.exit_code == 2 and "--method" in result.stderr and "budget" in result.stderr
