@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import data
 from .ruler import count_tokens, essay_sentences, largest_fitting, render
+from .runner import shorter
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 # The question alone: an extra instruction here becomes the "most relevant sentence" small models quote.
@@ -83,7 +84,7 @@ def heatmaps(rows: list[dict], out_dir: str | Path) -> list[Path]:
         ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth")
-        ax.set_title(textwrap.fill(method, 40), fontsize=7)
+        ax.set_title(textwrap.fill(shorter(method), 40), fontsize=8)
         return image
 
     files = []
