@@ -20,7 +20,7 @@ import torch
 
 from .adapters import adapter_for
 from .cache import KVCache
-from .engine import decode_step, prefill
+from .engine import decode_step
 from .generate import (
     GenerationResult,
     Prefilled,
@@ -30,6 +30,7 @@ from .generate import (
     check_sampling,
     encode_prompt,
     eos_ids,
+    prefill_prompt,
     sample,
 )
 from .methods import FastKV, Method, make_method
@@ -239,10 +240,7 @@ def generate_batch(
             on_result(index, result)
 
     for index, ids in enumerate(encoded):
-        start = _now(parts.device)
-        input_ids = torch.tensor([ids], device=parts.device)
-        cache, logits, trace = prefill(parts, input_ids, method, max_new_tokens, chunk_size=prefill_chunk)
-        prefilled = Prefilled(method, len(ids), cache, logits, trace, _now(parts.device) - start)
+        prefilled = prefill_prompt(parts, ids, method, max_new_tokens, prefill_chunk)
         done = batch.join(index, prefilled, max_new_tokens, temperature, top_p, seed, stop)
         if done is not None:
             finished(index, done)

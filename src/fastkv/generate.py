@@ -134,14 +134,19 @@ def stream(
     parts = adapter_for(model)
     method = make_method(method if method is not None else FastKV()).bind(parts.num_layers)
     ids = encode_prompt(tokenizer, prompt, chat)
-    input_ids = torch.tensor([ids], device=parts.device)
-    start = _now(parts.device)
-    cache, logits, trace = prefill(
-        parts, input_ids, method, max_new_tokens=max_new_tokens, on_layer=on_layer, chunk_size=prefill_chunk
-    )
-    prefilled = Prefilled(method, len(ids), cache, logits, trace, _now(parts.device) - start)
+    prefilled = prefill_prompt(parts, ids, method, max_new_tokens, prefill_chunk, on_layer)
     options = (max_new_tokens, temperature, top_p, seed, stop, compile)
     return (yield from _decode(model, tokenizer, parts, prefilled, *options))
+
+
+def prefill_prompt(
+    parts, ids: Sequence[int], method: Method, max_new_tokens: int, chunk_size: int | None = None, on_layer=None
+) -> Prefilled:
+    """Prefill one prompt's token ids under a bound method, timed: what decoding starts from."""
+    start = _now(parts.device)
+    input_ids = torch.tensor([list(ids)], device=parts.device)
+    cache, logits, trace = prefill(parts, input_ids, method, max_new_tokens, on_layer=on_layer, chunk_size=chunk_size)
+    return Prefilled(method, len(ids), cache, logits, trace, _now(parts.device) - start)
 
 
 def generate_many(

@@ -23,11 +23,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from ..batch import DecodeBatch
-from ..engine import check_prompt, prefill
-from ..generate import GenerationResult, Prefilled, check_sampling
+from ..engine import check_prompt
+from ..generate import GenerationResult, check_sampling, prefill_prompt
 from ..methods import Method
 
 
@@ -179,11 +177,7 @@ class Scheduler:
     def _prefill(self, job: Job) -> None:
         if self.metrics:
             self.metrics.queue_seconds.observe(time.perf_counter() - job.queued_at)
-        start = time.perf_counter()
-        ids = torch.tensor([job.ids], device=self.parts.device)
-        with torch.inference_mode():
-            cache, logits, trace = prefill(self.parts, ids, job.method, job.max_tokens)
-        done = Prefilled(job.method, len(job.ids), cache, logits, trace, time.perf_counter() - start)
+        done = prefill_prompt(self.parts, job.ids, job.method, job.max_tokens)
         options = (job.max_tokens, job.temperature, job.top_p, job.seed, job.stop, job.ignore_eos)
         result = self.batch.join(job.id, done, *options)
         if result is not None:
