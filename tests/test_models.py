@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+import torch
 
+from fastkv import models
 from fastkv.models import REGISTRY, ModelNotInstalledError, ModelSpec, _assemble, load, part_paths, prepare
 
 
@@ -46,6 +48,18 @@ def test_checksum_mismatch_is_refused(tmp_path, monkeypatch):
     assert not target.exists()
 
 
+def test_write_gguf_assembles_a_registered_model_once(tmp_path, monkeypatch):
+    chunks = [b"GGUF" + bytes(range(50)), b"rest"]
+    spec = fake_spec(tmp_path, monkeypatch, chunks)
+    monkeypatch.setitem(REGISTRY, "fake", spec)
+    target = models.write_gguf("fake", tmp_path / "out" / "fake.gguf", progress=False)
+    assert target.read_bytes() == b"".join(chunks)
+    target.write_bytes(b"kept")  # an existing file is not rebuilt
+    assert models.write_gguf("fake", target, progress=False).read_bytes() == b"kept"
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        models.write_gguf("nope", tmp_path / "x.gguf")
+
+
 def test_missing_package_names_the_pip_command(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTKV_CACHE", str(tmp_path / "cache"))
     spec = ModelSpec("absent", "test", ("fastkv-absent-part1",), ("fastkv_absent_part1/x.bin",), "0" * 64)
@@ -64,6 +78,14 @@ def test_registry_pins_checksums():
 def test_unknown_model_is_named(name):
     with pytest.raises(ValueError, match="unknown model"):
         load(name)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bfloat16_only_on_cpus_that_compute_in_it(monkeypatch, native):
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    assert models.resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert models.resolve_dtype("float32", "cpu") == torch.float32  # asked for: never overridden
+    assert models.resolve_dtype(torch.float16) == torch.float16
 
 
 def test_unknown_dtype_is_named():

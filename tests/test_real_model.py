@@ -26,7 +26,7 @@ if part_paths(REGISTRY["qwen2.5-0.5b"]) is None:
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM.load("qwen2.5-0.5b", progress=False)
+    return LLM.load("qwen2.5-0.5b", dtype="float32", progress=False)  # the reference precision
 
 
 def test_fullkv_matches_transformers_on_the_real_model(llm):
@@ -172,7 +172,7 @@ def test_every_method_on_a_2k_passkey(llm):
 
 
 def test_half_precision_weights_are_cached_per_dtype():
-    from fastkv.models import load, prepare, prepare_dtype
+    from fastkv.models import default_dtype, load, prepare, prepare_dtype
 
     spec = REGISTRY["smollm2-135m"]
     if part_paths(spec) is None:
@@ -186,7 +186,9 @@ def test_half_precision_weights_are_cached_per_dtype():
 
     assert weight_bytes(path) < 0.55 * weight_bytes(prepare(spec))  # 2 bytes a weight, not 4
     half, _ = load("smollm2-135m", dtype="bfloat16", progress=False)
-    full, _ = load("smollm2-135m", progress=False)
+    full, _ = load("smollm2-135m", dtype="float32", progress=False)
+    auto, _ = load("smollm2-135m", progress=False)
+    assert auto.dtype == default_dtype("cpu")
     for (name, a), (_, b) in zip(half.state_dict().items(), full.state_dict().items(), strict=True):
         assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16)), name
 

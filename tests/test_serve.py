@@ -27,7 +27,7 @@ class Live(ServerThread):
 
 @pytest.fixture(scope="module")
 def llm(tiny_dir):
-    return LLM.load(str(tiny_dir), progress=False)
+    return LLM.load(str(tiny_dir), dtype="float32", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +201,21 @@ def test_cli_refuses_bad_options_before_loading(tiny_dir):
     assert result.exit_code == 2 and "--kv-mib must be positive" in result.stderr
     result = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir), "--method", "snapkv(budget=-1)"])
     assert result.exit_code == 2 and "--method" in result.stderr and "budget" in result.stderr
+
+
+def test_replica_metrics_merge_into_one_family_per_name_labelled_by_replica():
+    from fastkv.serve.metrics import Metrics
+    from fastkv.serve.ray_app import merged_metrics
+
+    a, b = Metrics(), Metrics()
+    a.requests.labels("200").inc(3)
+    b.requests.labels("200").inc(5)
+    b.requests.labels("429").inc()
+    a.running.set(2)
+    text = merged_metrics([("r2", list(b.registry.collect())), ("r1", list(a.registry.collect()))]).decode()
+    assert text.count("# HELP fastkv_requests_total ") == 1 and text.count("# TYPE fastkv_running_requests ") == 1
+    series = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[0] != "#"}
+    assert series['fastkv_requests_total{replica="r1",status="200"}'] == 3
+    assert series['fastkv_requests_total{replica="r2",status="200"}'] == 5
+    assert series['fastkv_requests_total{replica="r2",status="429"}'] == 1
+    assert series['fastkv_running_requests{replica="r1"}'] == 2 and series['fastkv_running_requests{replica="r2"}'] == 0

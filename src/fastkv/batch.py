@@ -219,6 +219,7 @@ def generate_batch(
     prefill_chunk: int | None = None,
     compile: bool = False,
     on_result: Callable[[int, GenerationResult], None] | None = None,
+    ignore_eos: bool = False,
 ) -> list[GenerationResult]:
     """One result per prompt, in order: each prompt prefilled alone, then all decoded as one ragged batch.
 
@@ -241,7 +242,7 @@ def generate_batch(
 
     for index, ids in enumerate(encoded):
         prefilled = prefill_prompt(parts, ids, method, max_new_tokens, prefill_chunk)
-        done = batch.join(index, prefilled, max_new_tokens, temperature, top_p, seed, stop)
+        done = batch.join(index, prefilled, max_new_tokens, temperature, top_p, seed, stop, ignore_eos)
         if done is not None:
             finished(index, done)
     while batch.rows:

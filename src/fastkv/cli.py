@@ -19,7 +19,7 @@ from .methods import PRESETS, FastKV, FullKV, Method, SnapKV, make_method
 from .methods.base import REGISTRY as PARTS
 from .methods.base import is_sub
 from .methods.method import defaults, knob_fields
-from .models import DEFAULT_MODEL, REGISTRY, status
+from .models import DEFAULT_MODEL, DTYPE_HELP, REGISTRY, status
 
 app = typer.Typer(
     help="FastKV: faster prefill and decoding for long prompts on HuggingFace models.",
@@ -62,7 +62,7 @@ def generate(
     seed: int | None = typer.Option(None),
     stop: list[str] = typer.Option([], help="stop string (repeatable)"),
     chat: bool = typer.Option(True, help="apply the model's chat template"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     prefill_chunk: int | None = typer.Option(
         None, help="attend and run MLPs over this many prompt tokens at a time in prefill (bounds its memory)"
@@ -149,8 +149,9 @@ def generate(
     write("\n")
     s = result.stats
     source = f" (defaults: {defaults})" if defaults else ""
+    precision = str(llm.model.dtype).removeprefix("torch.")
     err.print(
-        f"[dim]{s.method}{source}\n{s.prompt_tokens} prompt tokens, prefill {s.prefill_seconds:.2f} s, "
+        f"[dim]{s.method}{source}, {precision}\n{s.prompt_tokens} prompt tokens, prefill {s.prefill_seconds:.2f} s, "
         f"decode {rate(s.decode_tokens_per_s)} tok/s, KV {s.kv_bytes / 2**20:.1f} MiB "
         f"({100 * s.kv_ratio:.1f}% of full), {s.new_tokens} tokens, finish: {result.finish_reason}[/]",
         highlight=False,
@@ -171,11 +172,28 @@ def serve(
     kv_mib: float = typer.Option(2048, help="memory for the decode batch's KV caches, MiB"),
     max_batch: int = typer.Option(16, help="most requests decoding at once"),
     max_queue: int = typer.Option(64, help="most requests waiting; more get 429"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     compile: bool = typer.Option(False, "--compile", help="decode under torch.compile"),
+    ray: bool = typer.Option(False, "--ray", help="serve as Ray Serve replicas (the ray extra)", rich_help_panel="Ray"),
+    replicas: int = typer.Option(1, help="with --ray: replicas, each with its own model", rich_help_panel="Ray"),
+    min_replicas: int | None = typer.Option(None, help="with --ray: autoscale from this many", rich_help_panel="Ray"),
+    max_replicas: int | None = typer.Option(None, help="with --ray: autoscale up to this many", rich_help_panel="Ray"),
+    target_ongoing: float = typer.Option(
+        4, help="with --ray and autoscaling: requests in flight per replica to aim at", rich_help_panel="Ray"
+    ),
+    replica_cpus: float = typer.Option(1, help="with --ray: CPUs per replica (its threads)", rich_help_panel="Ray"),
+    replica_gpus: float = typer.Option(0, help="with --ray: GPUs per replica", rich_help_panel="Ray"),
+    ray_address: str | None = typer.Option(
+        None,
+        help="with --ray: the cluster to join ('auto', ray://head:10001); default: start one here",
+        rich_help_panel="Ray",
+    ),
 ) -> None:
-    """An OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+    """An OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+
+    With --ray: the same app as Ray Serve replicas behind one endpoint (see README, "Scaling out").
+    """
     import importlib.util
 
     missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
@@ -184,6 +202,9 @@ def serve(
     for option, value in (("--kv-mib", kv_mib), ("--max-batch", max_batch), ("--max-queue", max_queue)):
         if value <= 0:
             fail(f"{option} must be positive, got {value}")
+    if ray:
+        serve_on_ray(locals())
+        return
     import uvicorn
 
     from .serve.api import create_app
@@ -194,6 +215,27 @@ def serve(
     except ValueError as e:
         fail(f"--method: {e}")
     uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+def serve_on_ray(o: dict) -> None:
+    """`fastkv serve --ray`: check what can be checked here, then deploy and block until Ctrl-C."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        fail("fastkv serve --ray needs Ray: pip install 'fastkv[ray]'")
+    from .serve.ray_app import ReplicaOptions, Scaling, start
+
+    options = ReplicaOptions(o["model"], o["method"], o["dtype"], o["device"], o["kv_mib"], o["max_batch"],
+                             o["max_queue"], o["compile"])  # fmt: skip
+    scaling = Scaling(o["replicas"], o["min_replicas"], o["max_replicas"], o["target_ongoing"], o["replica_cpus"],
+                      o["replica_gpus"])  # fmt: skip
+    try:
+        scaling.check()
+        make_method(options.method)  # a bad default method fails here, not in every replica
+    except ValueError as e:
+        fail(str(e))
+    err.print(f"deploying {options.model} on Ray Serve at http://{o['host']}:{o['port']} (Ctrl-C stops)")
+    start(options, scaling, o["host"], o["port"], o["ray_address"], blocking=True)
 
 
 @app.command()
@@ -275,7 +317,7 @@ def calibrate(
     min_speedup: float = typer.Option(1.6, help="least prefill speedup over FullKV at 8K tokens (predicted)"),
     candidates: int = typer.Option(4, help="settings with the best recall that are run for fidelity"),
     out_file: Path | None = typer.Option(None, "--out", help="profile file (default: the user's profile)"),
-    dtype: str = typer.Option("float32"),
+    dtype: str = typer.Option("float32", help="float32 (the precision the shipped profiles were found in), bfloat16"),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Find the FastKV settings that fit a model and save them as its profile (it resumes if stopped)."""
@@ -337,7 +379,7 @@ def demo(
     depth: float = typer.Option(0.5, help="needle depth in the haystack, 0 (start) to 1 (end)"),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", "-n"),
     seed: int = typer.Option(0, help="chooses the passkey"),
-    dtype: str = typer.Option("float32"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Needle in a haystack: FullKV, SnapKV and FastKV on one long prompt, side by side."""

@@ -123,19 +123,21 @@ def stream(
     on_layer: Callable[[int], None] | None = None,
     prefill_chunk: int | None = None,
     compile: bool = False,
+    ignore_eos: bool = False,
 ) -> Iterator[str]:
     """Yield the generated text piece by piece; the generator's return value is a GenerationResult.
 
     `method` is a Method or a spec string such as "fastkv(kernel_size=13)" (default: FastKV()).
     prefill_chunk: queries per attention and MLP chunk in prefill, to bound its memory (`prefill`).
     compile: decode under torch.compile (the first call compiles, for tens of seconds).
+    ignore_eos: go on past EOS to max_new_tokens (benchmarks want fixed lengths).
     """
     check_sampling(max_new_tokens, temperature, top_p)
     parts = adapter_for(model)
     method = make_method(method if method is not None else FastKV()).bind(parts.num_layers)
     ids = encode_prompt(tokenizer, prompt, chat)
     prefilled = prefill_prompt(parts, ids, method, max_new_tokens, prefill_chunk, on_layer)
-    options = (max_new_tokens, temperature, top_p, seed, stop, compile)
+    options = (max_new_tokens, temperature, top_p, seed, stop, compile, ignore_eos)
     return (yield from _decode(model, tokenizer, parts, prefilled, *options))
 
 
@@ -265,13 +267,23 @@ def _result(p: Prefilled, t: Transcript, kv: tuple[int, int, list[int]], decode_
 
 
 def _decode(
-    model, tokenizer, parts, p: Prefilled, max_new_tokens, temperature, top_p, seed, stop, compile=False
+    model,
+    tokenizer,
+    parts,
+    p: Prefilled,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    stop: Sequence[str],
+    compile: bool = False,
+    ignore_eos: bool = False,
 ) -> Generator[str, None, GenerationResult]:
     """Sample from the prefill's logits, then decode step by step until EOS, a stop string or the limit."""
     generator = None
     if seed is not None:
         generator = torch.Generator(device=parts.device).manual_seed(seed)
-    transcript = Transcript(tokenizer, eos_ids(model, tokenizer), stop)
+    transcript = Transcript(tokenizer, set() if ignore_eos else eos_ids(model, tokenizer), stop)
     cache, logits = p.cache, p.logits
     kv = cache.nbytes(), cache.full_nbytes(), cache.kept_per_layer
     steps = 0
@@ -303,8 +315,8 @@ def generate(
 
     Options: max_new_tokens, temperature (0 = greedy), top_p, seed, stop (strings), chat (apply the
     tokenizer's chat template), on_layer (prefill progress callback), prefill_chunk (queries per chunk in
-    prefill, to bound its memory on long prompts), compile (decode under torch.compile). `on_text`
-    receives text as it is produced (streaming).
+    prefill, to bound its memory on long prompts), compile (decode under torch.compile), ignore_eos (go on
+    past EOS to max_new_tokens). `on_text` receives text as it is produced (streaming).
     """
     return _drain(stream(model, tokenizer, prompt, method, **options), on_text)
 
@@ -332,7 +344,7 @@ class LLM:
         self.profile = find(name)
 
     @classmethod
-    def load(cls, name: str | None = None, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> LLM:
+    def load(cls, name: str | None = None, dtype: str = "auto", device: str = "cpu", progress: bool = True) -> LLM:
         from .models import DEFAULT_MODEL, load
 
         name = name or DEFAULT_MODEL

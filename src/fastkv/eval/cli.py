@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -89,6 +90,9 @@ METHODS_OPT = typer.Option(
     help="comma-separated method specs, e.g. 'fullkv,fastkv(kernel_size=13),fastkv+adakv', or 'all' (presets)",
 )
 RETAIN = typer.Option(0.1, help="KV budget of every method that has one and does not set it, as a share of the prompt")
+# Evaluations stay in float32 by default, unlike generation ("auto"): the reference precision, so that runs
+# from any machine compare, and the committed runs resume in the precision they began in.
+EVAL_DTYPE_HELP = "float32 (the reference, and the default of committed runs), bfloat16, float16"
 TSP = typer.Option(0.2, help="TSP rate of every method with TSP that does not set it")
 OUT = typer.Option(None, "--out", "-o", help="output directory (default: runs/<suite>)")
 LIMIT = typer.Option(None, help="answer at most N items per task (quick runs)")
@@ -98,6 +102,40 @@ SEPARATE = typer.Option(
 TIME_PREFILL = typer.Option(
     True, help="with a shared prefill: time each method's prefill alone once, side by side (timings.json)"
 )
+
+
+RAY = typer.Option(
+    None,
+    "--ray",
+    metavar="ADDRESS",
+    help="spread the items over a Ray cluster: 'local' starts one here, 'auto' joins this machine's, "
+    "or a cluster address (ray://head:10001); needs the ray extra",
+)
+WORKERS = typer.Option(2, help="with --ray: workers, each an actor holding the model")
+WORKER_CPUS = typer.Option(1.0, help="with --ray: CPUs Ray reserves per worker")
+WORKER_THREADS = typer.Option(None, help="with --ray: torch threads per worker (default: its CPUs)")
+
+
+@contextmanager
+def answerer(ray: str | None, workers: int, cpus: float, threads: int | None, model: str, dtype: str, device: str,
+             separate: bool):  # fmt: skip
+    """The runner's `answer` for --ray (None: this process); its workers go when the block ends."""
+    if ray is None:
+        yield None
+        return
+    if importlib.util.find_spec("ray") is None:
+        fail("--ray needs Ray: pip install 'fastkv[ray]'")
+    from .distributed import RayAnswer
+
+    try:
+        address = None if ray == "local" else ray
+        answer = RayAnswer(model, dtype, device, workers, address, cpus, shared=not separate, threads=threads)
+    except (ValueError, ConnectionError) as e:
+        fail(f"--ray {ray}: {e}")
+    try:
+        yield answer
+    finally:
+        answer.close()
 
 
 @app.command()
@@ -115,13 +153,15 @@ def ruler(
     separate: bool = SEPARATE,
     time_prefill: bool = TIME_PREFILL,
     chat: bool = typer.Option(True, help="apply the chat template"),
-    dtype: str = typer.Option("float32"),
+    dtype: str = typer.Option("float32", help=EVAL_DTYPE_HELP),
     device: str = typer.Option("cpu"),
+    ray: str | None = RAY,
+    workers: int = WORKERS,
+    worker_cpus: float = WORKER_CPUS,
+    worker_threads: int | None = WORKER_THREADS,
 ) -> None:
     """RULER's 13 synthetic tasks at the given lengths."""
     from . import ruler as R
-    from .data import DataNotInstalledError
-    from .runner import Item, run
 
     chosen = R.TASKS if tasks == "all" else split(tasks)
     for task in chosen:
@@ -145,42 +185,43 @@ def ruler(
         "dtype": dtype,
     }
     metrics = {}
-    for target in lengths:
-        items = []
-        # Sample 0 of every task first, then sample 1, ...: a run stopped early covers every task.
-        for index in range(count):
-            for task in chosen:
-                try:
-                    sample = R.generate(task, llm.tokenizer, target, seed=seed, index=index, chat=chat)
-                except (ValueError, DataNotInstalledError) as e:
-                    fail(str(e))
-                items.append(
-                    Item(
-                        task,
-                        index,
-                        R.render(llm.tokenizer, sample.input, sample.answer_prefix, chat),
-                        not (chat and llm.tokenizer.chat_template),
-                        sample.max_new_tokens,
-                        sample.outputs,
-                        lambda text, s=sample: R.score(s, text),
-                        {"length": sample.length},
-                    )
-                )
-        settings = {"length": target, "chat": chat, "dtype": dtype, "seed": seed}
-        metrics = run(
-            llm,
-            model,
-            f"{target}",
-            runs,
-            items,
-            out_path,
-            config,
-            seed=seed,
-            settings=settings,
-            shared=not separate,
-            time_prefill=time_prefill,
-        )
+    with answerer(ray, workers, worker_cpus, worker_threads, model, dtype, device, separate) as answer:
+        for target in lengths:
+            metrics = ruler_length(llm, model, target, chosen, count, seed, chat, dtype, runs, out_path, config,
+                                   separate, time_prefill, answer)  # fmt: skip
     show(metrics, out_path)
+
+
+def ruler_length(llm, model, target, chosen, count, seed, chat, dtype, runs, out_path, config, separate,
+                 time_prefill, answer) -> dict:  # fmt: skip
+    """Evaluate one RULER length; its metrics."""
+    from . import ruler as R
+    from .data import DataNotInstalledError
+    from .runner import Item, run
+
+    items = []
+    # Sample 0 of every task first, then sample 1, ...: a run stopped early covers every task.
+    for index in range(count):
+        for task in chosen:
+            try:
+                sample = R.generate(task, llm.tokenizer, target, seed=seed, index=index, chat=chat)
+            except (ValueError, DataNotInstalledError) as e:
+                fail(str(e))
+            items.append(
+                Item(
+                    task,
+                    index,
+                    R.render(llm.tokenizer, sample.input, sample.answer_prefix, chat),
+                    not (chat and llm.tokenizer.chat_template),
+                    sample.max_new_tokens,
+                    sample.outputs,
+                    lambda text, s=sample: R.score(s, text),
+                    {"length": sample.length},
+                )
+            )
+    settings = {"length": target, "chat": chat, "dtype": dtype, "seed": seed}
+    return run(llm, model, f"{target}", runs, items, out_path, config, seed=seed, settings=settings,
+               shared=not separate, time_prefill=time_prefill, answer=answer)  # fmt: skip
 
 
 @app.command()
@@ -194,8 +235,12 @@ def niah(
     out_dir: Path | None = OUT,
     separate: bool = SEPARATE,
     time_prefill: bool = TIME_PREFILL,
-    dtype: str = typer.Option("float32"),
+    dtype: str = typer.Option("float32", help=EVAL_DTYPE_HELP),
     device: str = typer.Option("cpu"),
+    ray: str | None = RAY,
+    workers: int = WORKERS,
+    worker_cpus: float = WORKER_CPUS,
+    worker_threads: int | None = WORKER_THREADS,
 ) -> None:
     """Needle in a haystack over lengths x depths; writes one heatmap per method and a side-by-side."""
     from . import niah as N
@@ -226,18 +271,9 @@ def niah(
         )
     config = {"suite": "niah", "grid": grid, "model": model, "dtype": dtype, "methods": list(runs)}
     settings = {"dtype": dtype}
-    metrics = run(
-        llm,
-        model,
-        "niah",
-        runs,
-        items,
-        out_path,
-        config,
-        settings=settings,
-        shared=not separate,
-        time_prefill=time_prefill,
-    )
+    with answerer(ray, workers, worker_cpus, worker_threads, model, dtype, device, separate) as answer:
+        metrics = run(llm, model, "niah", runs, items, out_path, config, settings=settings, shared=not separate,
+                      time_prefill=time_prefill, answer=answer)  # fmt: skip
     rows = [json.loads(line) for line in (out_path / "predictions.jsonl").read_text().splitlines() if line]
     files = N.heatmaps([r for r in rows if r["model"] == model], out_path)
     show(metrics, out_path)
@@ -257,8 +293,12 @@ def longbench(
     limit: int | None = LIMIT,
     separate: bool = SEPARATE,
     time_prefill: bool = TIME_PREFILL,
-    dtype: str = typer.Option("float32"),
+    dtype: str = typer.Option("float32", help=EVAL_DTYPE_HELP),
     device: str = typer.Option("cpu"),
+    ray: str | None = RAY,
+    workers: int = WORKERS,
+    worker_cpus: float = WORKER_CPUS,
+    worker_threads: int | None = WORKER_THREADS,
 ) -> None:
     """LongBench tasks from local jsonl files, with LongBench's prompts, truncation and metrics."""
     from . import longbench as LB
@@ -294,18 +334,9 @@ def longbench(
     }
     out_path = out_dir or Path("runs") / "longbench"
     settings = {"dtype": dtype, "max_length": max_length}
-    metrics = run(
-        llm,
-        model,
-        "longbench",
-        runs,
-        items,
-        out_path,
-        config,
-        settings=settings,
-        shared=not separate,
-        time_prefill=time_prefill,
-    )
+    with answerer(ray, workers, worker_cpus, worker_threads, model, dtype, device, separate) as answer:
+        metrics = run(llm, model, "longbench", runs, items, out_path, config, settings=settings,
+                      shared=not separate, time_prefill=time_prefill, answer=answer)  # fmt: skip
     show(metrics, out_path)
 
 

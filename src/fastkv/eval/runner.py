@@ -21,7 +21,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -97,6 +97,42 @@ def run_label(row: dict) -> str:
     return label_of(row["model"], row["setting"], row.get("settings", {}), row["method"])
 
 
+@dataclass
+class Job:
+    """One item's pending methods: what a worker computes (ids, methods, options) and what the rows need."""
+
+    item: Item
+    ids: list[int]
+    specs: list[str]  # canonical specs, FullKV first when pending
+    methods: list[Method]
+    options: dict
+    logits_path: Path
+
+    def __str__(self) -> str:
+        return f"{self.item.task} {self.item.index}"
+
+
+# answer(jobs, on_start) yields (job, one GenerationResult per spec) as jobs finish, in any order;
+# on_start(job) is called when a job begins (progress display).
+Answer = Callable[[list[Job], Callable[[Job], None]], Iterator[tuple[Job, list]]]
+
+
+class LocalAnswer:
+    """Compute jobs in this process, in order: one shared prefill per item (`LLM.generate_many`), or each
+    method alone (shared=False)."""
+
+    def __init__(self, llm, shared: bool = True) -> None:
+        self.llm, self.shared = llm, shared
+
+    def __call__(self, jobs: list[Job], on_start: Callable[[Job], None]) -> Iterator[tuple[Job, list]]:
+        for job in jobs:
+            on_start(job)
+            if self.shared:
+                yield job, self.llm.generate_many(job.ids, job.methods, **job.options)
+            else:
+                yield job, [self.llm.generate(job.ids, m, **job.options) for m in job.methods]
+
+
 def run(
     llm,
     model_name: str,
@@ -110,6 +146,7 @@ def run(
     settings: dict | None = None,
     shared: bool = True,
     time_prefill: bool = True,
+    answer: Answer | None = None,
 ) -> dict:
     """Answer every item under every method (FullKV first, for fidelity); return the metrics.
 
@@ -117,6 +154,9 @@ def run(
     shared: one prefill serves all methods of an item (`generate_many`; the same answers, a fraction of
     the time); each row's prefill_s is then the shared prefill's. False times every method alone.
     time_prefill (shared runs): time each method's prefill alone once, on the first item (`timing.py`).
+    answer: what computes the pending (item, methods) jobs; default: this process, one job after the other
+    (`LocalAnswer`); `fastkv.eval.distributed.RayAnswer` spreads them over a Ray cluster. Rows are written
+    here, as each job's results come back, so a job lost with its worker is simply not done yet.
     """
     from rich.progress import (
         BarColumn,
@@ -154,29 +194,28 @@ def run(
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
+    jobs = []
+    for item in items:
+        logits_path = out / "logits" / logits_name(model_name, setting, settings, item.task, item.index)
+        has_logits = logits_path.exists()
+        pending = [
+            spec
+            for spec in labels
+            if (model_name, setting, tag, spec, item.task, item.index) not in done
+            or (spec == "fullkv" and not has_logits and len(labels) > 1)
+        ]
+        if pending:
+            ids = llm.tokenizer(item.prompt, add_special_tokens=item.special_tokens)["input_ids"]
+            options = {"max_new_tokens": item.max_new_tokens, "seed": seed}
+            jobs.append(Job(item, ids, pending, [methods[spec] for spec in pending], options, logits_path))
+    answer = answer or LocalAnswer(llm, shared)
     with Progress(*columns, disable=not progress) as bar, open(pred_path, "a") as sink:
         task_id = bar.add_task(f"{model_name} {setting}", total=todo)
-        for item in items:
-            ids = llm.tokenizer(item.prompt, add_special_tokens=item.special_tokens)["input_ids"]
-            logits_path = out / "logits" / logits_name(model_name, setting, settings, item.task, item.index)
-            full_key = (model_name, setting, tag, "fullkv", item.task, item.index)
-            full_answer = done.get(full_key, {}).get("prediction")
-            full_logits = torch.load(logits_path) if logits_path.exists() else None
-            pending = [
-                spec
-                for spec in labels
-                if (model_name, setting, tag, spec, item.task, item.index) not in done
-                or (spec == "fullkv" and full_logits is None and len(labels) > 1)
-            ]
-            if not pending:
-                continue
-            bar.update(task_id, description=f"{model_name} {setting} {item.task} {item.index}")
-            options = {"max_new_tokens": item.max_new_tokens, "seed": seed}
-            if shared:
-                results = llm.generate_many(ids, [methods[spec] for spec in pending], **options)
-            else:
-                results = [llm.generate(ids, methods[spec], **options) for spec in pending]
-            for spec, result in zip(pending, results, strict=True):  # FullKV first, when pending
+        for job, results in answer(jobs, lambda j: bar.update(task_id, description=f"{model_name} {setting} {j}")):
+            item = job.item
+            full_answer = done.get((model_name, setting, tag, "fullkv", item.task, item.index), {}).get("prediction")
+            full_logits = torch.load(job.logits_path) if job.logits_path.exists() else None
+            for spec, result in zip(job.specs, results, strict=True):  # FullKV first, when pending
                 key = (model_name, setting, tag, spec, item.task, item.index)
                 s = result.stats
                 row = {
@@ -199,7 +238,7 @@ def run(
                 }
                 if spec == "fullkv":
                     full_answer, full_logits = result.text, result.first_logits.cpu()
-                    torch.save(full_logits, logits_path)
+                    torch.save(full_logits, job.logits_path)
                 else:
                     row["agrees_with_fullkv"] = result.text.strip() == (full_answer or "").strip()
                     row["first_token_kl"] = first_token_kl(full_logits, result.first_logits.cpu())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Literal
 
@@ -73,8 +74,13 @@ def error_body(e: APIError) -> dict:
 
 
 def create_app(llm, name: str, method: str, kv_mib: float, max_batch: int = 16, max_queue: int = 64,
-               compile: bool = False) -> FastAPI:  # fmt: skip
-    """The app serving `llm` as model `name`, with `method` as the default spec."""
+               compile: bool = False, replica: str | None = None,
+               metrics_body: Callable[[], Awaitable[bytes]] | None = None) -> FastAPI:  # fmt: skip
+    """The app serving `llm` as model `name`, with `method` as the default spec.
+
+    replica: this server's name among replicas (Ray Serve), shown by /health; metrics_body: what /metrics
+    answers instead of this server's own registry (Ray Serve: every replica's, labelled by replica).
+    """
     metrics = Metrics()
     scheduler = Scheduler(llm, int(kv_mib * 2**20), max_batch, max_queue, metrics, compile=compile)
     default_method = resolve(llm, method)  # a bad default fails here, at start
@@ -107,11 +113,13 @@ def create_app(llm, name: str, method: str, kv_mib: float, max_batch: int = 16, 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "running": len(scheduler.jobs), "queued": len(scheduler.queue)}
+        found = {"status": "ok", "model": name, "running": len(scheduler.jobs), "queued": len(scheduler.queue)}
+        return found if replica is None else {**found, "replica": replica}
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body = await metrics_body() if metrics_body else generate_latest(metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():

@@ -1,0 +1,69 @@
+"""Decode speed at the CPU default (bfloat16, with and without torch.compile) against transformers' own
+float32 and bfloat16 decoding, in one run.
+
+    python benchmarks/decode_default.py                    # qwen2.5-0.5b, 4K-token prompt, FastKV
+    python benchmarks/decode_default.py --length 8192 --method fullkv
+
+One process loads the model in float32 and in the default dtype (`fastkv.models.default_dtype`), then
+times, one after the other on the same random-token prompt: transformers' prefill and decode loop in each
+dtype, and the engine's prefill and decode steps under --method in float32, in the default dtype, and in
+the default dtype under torch.compile (compiled in a warm-up, not timed). Decode is the median of --steps
+steps. Ratios are to transformers in float32 and to transformers in the default dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import prefill_decode as pd  # this directory's benchmark: its timing helpers
+import torch
+
+from fastkv import adapter_for
+from fastkv.methods import make_method
+from fastkv.models import default_dtype, load
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--method", default="fastkv", help="the engine's method (retain 0.1, tsp_rate 0.2)")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    best = default_dtype("cpu")
+    dtypes = [torch.float32] + ([best] if best != torch.float32 else [])
+    models = {d: load(args.model, dtype=d, progress=False)[0] for d in dtypes}
+    name = {d: str(d).removeprefix("torch.") for d in dtypes}
+    method = make_method(args.method, retain_rate=0.1, tsp_rate=0.2)
+    ids = pd.prompt(models[torch.float32].config.vocab_size, args.length)
+    warm = ids[:, :256]
+    print(f"# {args.model}, {args.length}-token prompt, {args.steps} decode steps (median), {args.threads} threads, "
+          f"{platform.machine()}, torch {torch.__version__}; CPU default dtype: {name[best]}")  # fmt: skip
+    print(f"# engine method: {method.bind(adapter_for(models[best]).num_layers).spec}")
+    rows = {}
+    for d, model in models.items():
+        pd.bench_transformers(model, warm, 2)
+        rows[f"transformers {name[d]}"] = pd.bench_transformers(model, ids, args.steps)[:2]
+    for d, model in models.items():
+        parts = adapter_for(model)
+        pd.COMPILE = False
+        pd.bench_engine(parts, warm, method, 2)
+        rows[f"fastkv {name[d]}"] = pd.bench_engine(parts, ids, method, args.steps)[:2]
+    parts = adapter_for(models[best])
+    pd.COMPILE = True
+    pd.bench_engine(parts, warm, method, 4)  # compiles, once per process
+    rows[f"fastkv {name[best]} compiled"] = pd.bench_engine(parts, ids, method, args.steps)[:2]
+    hf32, hfbest = rows["transformers float32"], rows[f"transformers {name[best]}"]
+    print()
+    print(f"| run | prefill s | decode ms/token | decode x transformers float32 | decode x transformers {name[best]} |")
+    print("|---|---|---|---|---|")
+    for label, (prefill_s, decode_ms) in rows.items():
+        vs32, vsbest = hf32[1] / decode_ms, hfbest[1] / decode_ms
+        print(f"| {label} | {prefill_s:.2f} | {decode_ms:.1f} | {vs32:.2f}x | {vsbest:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
