@@ -4,6 +4,7 @@
     python benchmarks/serve_load.py --clients 32 --prompt-tokens 8192 --max-tokens 64 --kv-mib 256 \\
         --requests 32 --methods 'fullkv,fastkv'                       # how many 8K conversations fit
     python benchmarks/serve_load.py --requests 240 --prompt-tokens 512 --max-tokens 16 --methods fastkv  # leaks?
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --methods fastkv   # a running `fastkv serve --ray`
 
 For each method it starts a server in this process (127.0.0.1, a free port) and runs, one after the other:
 - one client alone (its decode tokens/s is the baseline);
@@ -29,7 +30,23 @@ import httpx
 from openai import OpenAI
 
 from fastkv import LLM
+from fastkv.models import load_tokenizer
 from fastkv.serve.thread import ServerThread
+
+
+class External:
+    """A server already running at a URL (`fastkv serve --ray`): metrics summed over its replicas; its memory
+    is not this process's, so the RSS columns are left out."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def metric(self, name: str) -> float:
+        lines = httpx.get(self.url + "/metrics").text.splitlines()
+        return sum(float(x.split()[-1]) for x in lines if x.startswith((name + "{", name + " ")))
+
+    def close(self) -> None:
+        pass
 
 
 def rss_mib() -> float:
@@ -131,7 +148,7 @@ def run_load(server: ServerThread, name: str, texts: list[str], clients: int, re
         "itl_p50_ms": 1e3 * percentile(gaps, 50),
         "itl_p95_ms": 1e3 * percentile(gaps, 95),
         "running_max": int(peak["running"]),
-        "rss_peak": peak["rss"],
+        "rss_peak": float("nan") if isinstance(server, External) else peak["rss"],
     }
 
 
@@ -145,14 +162,20 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--kv-mib", type=float, default=4096)
     ap.add_argument("--dtype", default="auto", help="auto (the device's default), float32, bfloat16")
+    ap.add_argument("--url", help="load a running server instead (fastkv serve --ray); --kv-mib/--dtype are its own")
     args = ap.parse_args()
     requests = args.requests or args.clients
-    llm = LLM.load(args.model, dtype=args.dtype, progress=False)
-    dtype = str(llm.model.dtype).removeprefix("torch.")
-    texts = [prompt(llm.tokenizer, args.prompt_tokens, seed) for seed in range(max(requests, 1))]
+    if args.url:
+        llm, dtype = None, "(the server's dtype)"
+        tokenizer = load_tokenizer(args.model, progress=False)
+    else:
+        llm = LLM.load(args.model, dtype=args.dtype, progress=False)
+        dtype, tokenizer = str(llm.model.dtype).removeprefix("torch."), llm.tokenizer
+    texts = [prompt(tokenizer, args.prompt_tokens, seed) for seed in range(max(requests, 1))]
     print(
         f"# {args.model} {dtype}, {os.cpu_count()} CPUs, {args.clients} clients, {requests} requests of "
-        f"{args.prompt_tokens} prompt tokens and {args.max_tokens} new tokens, --kv-mib {args.kv_mib:g}"
+        f"{args.prompt_tokens} prompt tokens and {args.max_tokens} new tokens, "
+        + (f"server {args.url}" if args.url else f"--kv-mib {args.kv_mib:g}")
     )
     header = (
         f"{'method':<10} {'clients':>7} {'reqs':>5} {'tok/s':>7} {'decode tok/s':>12} {'x one':>6} {'TTFT p50':>8} "
@@ -160,14 +183,17 @@ def main() -> None:
     )
     print(header)
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        server = ServerThread(llm, args.model, method, kv_mib=args.kv_mib, max_batch=args.clients,
-                              max_queue=max(requests, args.clients))  # fmt: skip
+        if args.url:
+            server = External(args.url)
+        else:
+            server = ServerThread(llm, args.model, method, kv_mib=args.kv_mib, max_batch=args.clients,
+                                  max_queue=max(requests, args.clients))  # fmt: skip
         try:
             httpx.get(server.url + "/health")
             single = run_load(server, args.model, texts[:1], 1, 1, args, method)
-            before = rss_mib()
+            before = rss_mib() if llm else float("nan")
             load = run_load(server, args.model, texts, args.clients, requests, args, method)
-            after = rss_mib()
+            after = rss_mib() if llm else float("nan")
             for label, r in (("one", single), ("all", load)):
                 ratio = r["decode_tok_s"] / single["decode_tok_s"]
                 clients = 1 if label == "one" else args.clients

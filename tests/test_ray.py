@@ -231,3 +231,20 @@ def test_a_client_that_goes_away_cancels_the_request_in_the_engine(replicas, llm
         time.sleep(0.5)
     assert total("fastkv_cancelled_total") == before + 1
     assert total("fastkv_running_requests") == 0
+
+
+def test_serve_ray_refuses_bad_scaling_before_starting_anything(tiny_dir):
+    from typer.testing import CliRunner
+
+    from fastkv.cli import app
+
+    base = ["serve", "--ray", "--model", str(tiny_dir)]
+    for extra, message in (
+        (["--min-replicas", "2"], "autoscaling needs both --min-replicas and --max-replicas"),
+        (["--min-replicas", "3", "--max-replicas", "2"], "need 0 <= --min-replicas <= --max-replicas"),
+        (["--replicas", "0"], "--replicas must be >= 1"),
+        (["--method", "fastkv(kernel_size=4)"], "kernel_size"),
+    ):
+        result = CliRunner().invoke(app, base + extra)
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split()), result.output
