@@ -107,8 +107,12 @@ def test_cli_default_method_leaves_a_short_chat_prompt_exact(tmp_path):
     assert default.stdout.strip() and default.stdout == full.stdout
 
 
-def test_default_method_uses_the_shipped_profile_on_a_7_digit_passkey(llm):
-    """No method knobs: FastKV with qwen2.5-0.5b's calibrated defaults returns the exact 7-digit key."""
+@pytest.mark.parametrize("precision", ["float32", "auto"])
+def test_default_method_uses_the_shipped_profile_on_a_7_digit_passkey(llm, precision):
+    """No method knobs: FastKV with qwen2.5-0.5b's calibrated defaults returns the exact 7-digit key, in
+    float32 and in the default dtype (`fastkv generate`'s: bfloat16 on CPUs with AVX512-BF16)."""
+    if precision == "auto":
+        llm = LLM.load("qwen2.5-0.5b", progress=False)
     assert llm.profile is not None and llm.profile.path.endswith("profiles/qwen2.5-0.5b.json")
     needle = passkey_prompt(llm.tokenizer, 4096, depth=0.5, seed=11, digits=7)
     result = llm.generate(needle.text, max_new_tokens=12, chat=True)
