@@ -64,8 +64,8 @@ def main() -> None:
     print(f"# {args.model}, method {args.method}, {args.cpus} CPUs shared by the replicas, {args.clients} clients, "
           f"{args.requests} requests of {args.prompt_tokens} prompt + {args.max_tokens} new tokens")  # fmt: skip
     rows = []
+    port = free_port()  # Serve's proxy starts once, on this port; each replica count redeploys behind it
     for n in [int(x) for x in args.replicas.split(",")]:
-        port = free_port()
         options = ReplicaOptions(args.model, args.method, kv_mib=args.kv_mib, max_batch=args.clients,
                                  max_queue=args.requests)  # fmt: skip
         begin = time.perf_counter()

@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--kv-mib", type=float, default=4096)
     ap.add_argument("--dtype", default="auto", help="auto (the device's default), float32, bfloat16")
+    ap.add_argument("--repeat", type=int, default=1, help="run the load this many times; RSS after each")
     ap.add_argument("--url", help="load a running server instead (fastkv serve --ray); --kv-mib/--dtype are its own")
     args = ap.parse_args()
     requests = args.requests or args.clients
@@ -194,6 +195,16 @@ def main() -> None:
             before = rss_mib() if llm else float("nan")
             load = run_load(server, args.model, texts, args.clients, requests, args, method)
             after = rss_mib() if llm else float("nan")
+            rounds = [after]
+            for _ in range(args.repeat - 1):  # the same load again: a leak keeps growing, a high-water mark not
+                run_load(server, args.model, texts, args.clients, requests, args, method)
+                rounds.append(rss_mib() if llm else float("nan"))
+            if args.repeat > 1:
+                print(
+                    f"# {method}: RSS after each of {args.repeat} rounds of {requests} requests (MiB): "
+                    + ", ".join(f"{x:.0f}" for x in rounds)
+                    + f"; before the first: {before:.0f}"
+                )
             for label, r in (("one", single), ("all", load)):
                 ratio = r["decode_tok_s"] / single["decode_tok_s"]
                 clients = 1 if label == "one" else args.clients
