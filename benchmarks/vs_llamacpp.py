@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from fastkv import LLM
+from fastkv.generate import encode_prompt
 from fastkv.models import cache_root, resolve_dtype, write_gguf
 from fastkv.needle import passkey_prompt
 
@@ -107,8 +108,7 @@ def main() -> None:
     dtype = str(resolve_dtype(args.dtype, "cpu")).removeprefix("torch.")
     llm = LLM.load(args.model, dtype=dtype)
     needle = passkey_prompt(llm.tokenizer, args.length, depth=0.5)
-    ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": needle.text}], add_generation_prompt=True)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    ids = encode_prompt(llm.tokenizer, needle.text, chat=True)
     warmup = ids[:64]
     print(f"# {args.model}: {len(ids)}-token passkey prompt (answer {needle.answer}), {args.new_tokens} new tokens, "
           f"greedy, EOS ignored; {args.threads} threads, {platform.machine()}, torch {torch.__version__}")  # fmt: skip

@@ -103,7 +103,10 @@ async def all_replicas_metrics() -> bytes:
     from ray import serve
 
     handle = serve.get_deployment_handle(DEPLOYMENT, app_name=APP)
-    found = await handle.broadcast("metric_families").results_async(timeout_s=5, return_exceptions=True)
+    try:
+        found = await handle.broadcast("metric_families").results_async(timeout_s=5, return_exceptions=True)
+    except TimeoutError as e:  # the whole broadcast: report it rather than fail the scrape
+        found = [e]
     answered = [f for f in found if not isinstance(f, BaseException)]
     missing = [f"{type(e).__name__}: {e}".splitlines()[0] for e in found if isinstance(e, BaseException)]
     note = f"# fastkv: {len(answered)} of {len(found)} replicas answered" + "".join(f"; {m}" for m in missing)
