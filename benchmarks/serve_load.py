@@ -31,7 +31,7 @@ from openai import OpenAI
 
 from fastkv import LLM
 from fastkv.models import load_tokenizer
-from fastkv.serve.thread import ServerThread
+from fastkv.serve.thread import ServerThread, metric_total
 
 
 class External:
@@ -42,8 +42,7 @@ class External:
         self.url = url.rstrip("/")
 
     def metric(self, name: str) -> float:
-        lines = httpx.get(self.url + "/metrics").text.splitlines()
-        return sum(float(x.split()[-1]) for x in lines if x.startswith((name + "{", name + " ")))
+        return metric_total(self.url, name)
 
     def close(self) -> None:
         pass

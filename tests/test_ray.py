@@ -22,6 +22,7 @@ openai = pytest.importorskip("openai")
 from fastkv import LLM  # noqa: E402
 from fastkv.eval.runner import Item, run  # noqa: E402
 from fastkv.methods import make_method  # noqa: E402
+from fastkv.serve.thread import metric_total  # noqa: E402
 
 pytestmark = pytest.mark.slow
 METHOD = "snapkv(budget=64)"
@@ -217,20 +218,16 @@ def test_a_client_that_goes_away_cancels_the_request_in_the_engine(replicas, llm
     url, _ = replicas
     body = {"model": llm.name, "prompt": question(3), "max_tokens": 3000, "stream": True, "ignore_eos": True}
 
-    def total(metric: str) -> float:
-        text = httpx.get(url + "/metrics").text
-        return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(metric + "{"))
-
-    before = total("fastkv_cancelled_total")
+    before = metric_total(url, "fastkv_cancelled_total")
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
         for line in response.iter_lines():
             if line.startswith("data: ") and '"text"' in line:
                 break  # one piece, then hang up
     deadline = time.time() + 30
-    while total("fastkv_cancelled_total") <= before and time.time() < deadline:
+    while metric_total(url, "fastkv_cancelled_total") <= before and time.time() < deadline:
         time.sleep(0.5)
-    assert total("fastkv_cancelled_total") == before + 1
-    assert total("fastkv_running_requests") == 0
+    assert metric_total(url, "fastkv_cancelled_total") == before + 1
+    assert metric_total(url, "fastkv_running_requests") == 0
 
 
 def test_serve_ray_refuses_bad_scaling_before_starting_anything(tiny_dir):

@@ -203,7 +203,11 @@ def serve(
         if value <= 0:
             fail(f"{option} must be positive, got {value}")
     if ray:
-        serve_on_ray(locals())
+        from .serve.ray_app import ReplicaOptions, Scaling
+
+        options = ReplicaOptions(model, method, dtype, device, kv_mib, max_batch, max_queue, compile)
+        scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing, replica_cpus, replica_gpus)
+        serve_on_ray(options, scaling, host, port, ray_address)
         return
     import uvicorn
 
@@ -217,25 +221,21 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level="info")
 
 
-def serve_on_ray(o: dict) -> None:
+def serve_on_ray(options, scaling, host: str, port: int, address: str | None) -> None:
     """`fastkv serve --ray`: check what can be checked here, then deploy and block until Ctrl-C."""
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
         fail("fastkv serve --ray needs Ray: pip install 'fastkv[ray]'")
-    from .serve.ray_app import ReplicaOptions, Scaling, start
+    from .serve.ray_app import start
 
-    options = ReplicaOptions(o["model"], o["method"], o["dtype"], o["device"], o["kv_mib"], o["max_batch"],
-                             o["max_queue"], o["compile"])  # fmt: skip
-    scaling = Scaling(o["replicas"], o["min_replicas"], o["max_replicas"], o["target_ongoing"], o["replica_cpus"],
-                      o["replica_gpus"])  # fmt: skip
     try:
         scaling.check()
         make_method(options.method)  # a bad default method fails here, not in every replica
     except ValueError as e:
         fail(str(e))
-    err.print(f"deploying {options.model} on Ray Serve at http://{o['host']}:{o['port']} (Ctrl-C stops)")
-    start(options, scaling, o["host"], o["port"], o["ray_address"], blocking=True)
+    err.print(f"deploying {options.model} on Ray Serve at http://{host}:{port} (Ctrl-C stops)")
+    start(options, scaling, host, port, address, blocking=True)
 
 
 @app.command()

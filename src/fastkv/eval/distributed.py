@@ -92,8 +92,7 @@ class RayAnswer:
         from ray.exceptions import RayActorError
 
         queue, idle, running = deque(jobs), list(self.workers), {}
-        tries = dict.fromkeys(range(len(jobs)), 0)
-        numbered = {id(job): n for n, job in enumerate(jobs)}
+        lost: dict[int, int] = {}  # id(job) -> times it lost its worker
         while queue or running:
             while queue and idle:
                 job, worker = queue.popleft(), idle.pop()
@@ -105,11 +104,10 @@ class RayAnswer:
             try:
                 results = self.ray.get(ready[0])
             except RayActorError:
-                n = numbered[id(job)]
-                tries[n] += 1
+                lost[id(job)] = lost.get(id(job), 0) + 1
                 self.lost += 1
-                if tries[n] > RETRIES:
-                    raise RuntimeError(f"job {job} lost its worker {tries[n]} times: giving up") from None
+                if lost[id(job)] > RETRIES:
+                    raise RuntimeError(f"job {job} lost its worker {lost[id(job)]} times: giving up") from None
                 queue.appendleft(job)  # back to the front: it was next anyway
                 self.workers[self.workers.index(worker)] = replacement = self._spawn()
                 idle.append(replacement)

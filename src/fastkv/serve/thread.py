@@ -17,6 +17,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric_total(url: str, name: str) -> float:
+    """A metric from a server's /metrics: its value, or the sum of its labelled series (replicas, statuses).
+    KeyError if the server does not export it."""
+    import httpx
+
+    lines = [x for x in httpx.get(url + "/metrics").text.splitlines() if x.startswith((name + " ", name + "{"))]
+    if not lines:
+        raise KeyError(name)
+    return sum(float(x.split()[-1]) for x in lines)
+
+
 class ServerThread:
     """`create_app(llm, name, method, **options)` served on 127.0.0.1 at a free port until `close()`."""
 
@@ -33,13 +44,8 @@ class ServerThread:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def metric(self, name: str) -> float:
-        """A metric's value from /metrics (unlabelled series)."""
-        import httpx
-
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
+        """A metric's value from /metrics (`metric_total`)."""
+        return metric_total(self.url, name)
 
     def close(self) -> None:
         self.server.should_exit = True
