@@ -2,6 +2,7 @@
 
     python benchmarks/batch_decode.py                          # qwen2.5-0.5b, 4K context, FastKV caches
     python benchmarks/batch_decode.py --dtype bfloat16 --compile --batches 1,8,16
+    python benchmarks/batch_decode.py --dtype bfloat16 --quantize none,int8 --batches 1,8   # bf16 vs int8 weights
 
 One 4K-token prompt is prefilled once per method; its cache is merged into batches of B copies
 (`fastkv.batch.merge`: the same buffers a batch of B different prompts would have), and decode steps
@@ -43,41 +44,55 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8", help="batch sizes")
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed (median)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument(
+        "--quantize", default="none", help="comma-separated: none, int8 (weight-only linears), auto; each in turn"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="decode under torch.compile")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",") if b]
+    weights = [q.strip() for q in args.quantize.split(",") if q.strip()]
     try:
         methods = make_methods(args.methods, retain_rate=0.1, tsp_rate=0.2)
-        model, _ = load(args.model, dtype=args.dtype, device=args.device, progress=False)
+        models = {
+            q: load(args.model, dtype=args.dtype, device=args.device, progress=False, quantize=q)[0] for q in weights
+        }
     except ValueError as e:
         ap.error(str(e))
-    parts = adapter_for(model)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, model.config.vocab_size - 100, (1, args.length), generator=g).to(parts.device)
     print(
         f"# {args.model} {args.dtype}{' compiled' if args.compile else ''} on "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"{args.length}-token prompt, {args.steps} decode steps (median)"
+        f"{args.length}-token prompt, {args.steps} decode steps (median); tok/s x: over the first row of its "
+        "method, and over the same row with the first --quantize"
     )
-    print(f"{'method':<10} {'batch':>5} {'KV MiB':>8} {'step ms':>8} {'tok/s':>8} {'x batch 1':>9}")
-    for method in methods:
-        bound = method.bind(parts.num_layers)
-        cache, logits, _ = prefill(parts, ids, bound, max_new_tokens=args.steps + 4)
-        token = logits.argmax(-1)
-        single = None
-        for b in batches:
-            batch = merge([cache] * b)
-            tokens = token.expand(b).contiguous()
-            step_ms(parts, merge([cache] * b), tokens, 2, args.compile)  # warm up (and compile) this shape
-            ms = step_ms(parts, batch, tokens, args.steps, args.compile)
-            rate = b * 1e3 / ms
-            single = single or rate
-            kv = sum(k.numel() * k.element_size() * 2 for k in batch.keys) / 2**20
-            print(f"{method.name:<10} {b:>5} {kv:>8.1f} {ms:>8.1f} {rate:>8.1f} {rate / single:>9.2f}")
-        print(f"#   {bound.spec}")
+    print(
+        f"{'method':<10} {'weights':>8} {'batch':>5} {'KV MiB':>8} {'step ms':>8} {'tok/s':>8} {'x batch 1':>9} "
+        f"{'x weights':>9}"
+    )
+    first: dict[tuple[str, int], float] = {}
+    for quantize, model in models.items():
+        parts = adapter_for(model)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(100, model.config.vocab_size - 100, (1, args.length), generator=g).to(parts.device)
+        for method in methods:
+            bound = method.bind(parts.num_layers)
+            cache, logits, _ = prefill(parts, ids, bound, max_new_tokens=args.steps + 4)
+            token = logits.argmax(-1)
+            single = None
+            for b in batches:
+                batch = merge([cache] * b)
+                tokens = token.expand(b).contiguous()
+                step_ms(parts, merge([cache] * b), tokens, 2, args.compile)  # warm up (and compile) this shape
+                ms = step_ms(parts, batch, tokens, args.steps, args.compile)
+                rate = b * 1e3 / ms
+                single = single or rate
+                base = first.setdefault((method.name, b), rate)
+                kv = sum(k.numel() * k.element_size() * 2 for k in batch.keys) / 2**20
+                cells = f"{kv:>8.1f} {ms:>8.1f} {rate:>8.1f} {rate / single:>9.2f} {rate / base:>9.2f}"
+                print(f"{method.name:<10} {quantize:>8} {b:>5} {cells}")
+            print(f"#   {bound.spec}")
 
 
 if __name__ == "__main__":

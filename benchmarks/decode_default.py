@@ -1,20 +1,23 @@
-"""Decode speed at the CPU default (bfloat16, with and without torch.compile) against transformers' own
-float32 and bfloat16 decoding, in one run.
+"""Decode speed at the CPU default (bfloat16 with int8 weights, with and without torch.compile) against
+transformers' own float32 and bfloat16 decoding, in one run.
 
     python benchmarks/decode_default.py                    # qwen2.5-0.5b, 4K-token prompt, FastKV
     python benchmarks/decode_default.py --length 8192 --method fullkv
 
-One process loads the model in float32 and in the default dtype (`fastkv.models.default_dtype`), then
-times, one after the other on the same random-token prompt: transformers' prefill and decode loop in each
-dtype, and the engine's prefill and decode steps under --method in float32, in the default dtype, and in
-the default dtype under torch.compile (compiled in a warm-up, not timed). Decode is the median of --steps
-steps. Ratios are to transformers in float32 and to transformers in the default dtype.
+One process loads the model in float32, in the default dtype (`fastkv.models.default_dtype`) and, where
+that is bfloat16 on CPU, in it with int8 weight-only linears (`fastkv.quantize`, what `LLM.load` and
+`fastkv generate|serve` use by default there). It then times, one after the other on the same random-token
+prompt: transformers' prefill and decode loop in float32 and in the default dtype, and the engine's prefill
+and decode steps under --method in each precision, and in the last under torch.compile (compiled in a
+warm-up, not timed). Decode is the median of --steps steps. Ratios are to transformers in float32 and to
+transformers in the default dtype.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import time
 
 import prefill_decode as pd  # this directory's benchmark: its timing helpers
 import torch
@@ -22,6 +25,13 @@ import torch
 from fastkv import adapter_for
 from fastkv.methods import make_method
 from fastkv.models import default_dtype, load
+from fastkv.quantize import resolve_quantize
+
+
+def weight_mib(model: torch.nn.Module) -> float:
+    """MiB of a model's parameters and buffers, each tensor counted once (tied weights share one)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
 def main() -> None:
@@ -35,27 +45,39 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     best = default_dtype("cpu")
     dtypes = [torch.float32] + ([best] if best != torch.float32 else [])
-    models = {d: load(args.model, dtype=d, progress=False)[0] for d in dtypes}
     name = {d: str(d).removeprefix("torch.") for d in dtypes}
+    models, load_s = {}, {}
+    variants = [(name[d], d, "none") for d in dtypes]
+    if resolve_quantize("auto", "cpu", best) == "int8":
+        variants.append((f"{name[best]}+int8", best, "int8"))
+    for label, d, quantize in variants:
+        load(args.model, dtype=d, progress=False)  # writes the dtype's cache once, untimed
+        start = time.perf_counter()
+        models[label] = load(args.model, dtype=d, progress=False, quantize=quantize)[0]
+        load_s[label] = time.perf_counter() - start
+    hf = {name[d]: models[name[d]] for d in dtypes}  # transformers' own runs: its weights in each dtype
+    default = list(models)[-1]
     method = make_method(args.method, retain_rate=0.1, tsp_rate=0.2)
-    ids = pd.prompt(models[torch.float32].config.vocab_size, args.length)
+    ids = pd.prompt(models["float32"].config.vocab_size, args.length)
     warm = ids[:, :256]
     print(f"# {args.model}, {args.length}-token prompt, {args.steps} decode steps (median), {args.threads} threads, "
-          f"{platform.machine()}, torch {torch.__version__}; CPU default dtype: {name[best]}")  # fmt: skip
-    print(f"# engine method: {method.bind(adapter_for(models[best]).num_layers).spec}")
+          f"{platform.machine()}, torch {torch.__version__}; CPU default: {default}")  # fmt: skip
+    print(f"# engine method: {method.bind(adapter_for(models[default]).num_layers).spec}")
+    held = (f"{label} {weight_mib(m):.0f} MiB (loaded in {load_s[label]:.1f} s)" for label, m in models.items())
+    print("# weights held: " + ", ".join(held))
     rows = {}
-    for d, model in models.items():
+    for label, model in hf.items():
         pd.bench_transformers(model, warm, 2)
-        rows[f"transformers {name[d]}"] = pd.bench_transformers(model, ids, args.steps)[:2]
-    for d, model in models.items():
+        rows[f"transformers {label}"] = pd.bench_transformers(model, ids, args.steps)[:2]
+    for label, model in models.items():
         parts = adapter_for(model)
         pd.COMPILE = False
         pd.bench_engine(parts, warm, method, 2)
-        rows[f"fastkv {name[d]}"] = pd.bench_engine(parts, ids, method, args.steps)[:2]
-    parts = adapter_for(models[best])
+        rows[f"fastkv {label}"] = pd.bench_engine(parts, ids, method, args.steps)[:2]
+    parts = adapter_for(models[default])
     pd.COMPILE = True
     pd.bench_engine(parts, warm, method, 4)  # compiles, once per process
-    rows[f"fastkv {name[best]} compiled"] = pd.bench_engine(parts, ids, method, args.steps)[:2]
+    rows[f"fastkv {default} compiled"] = pd.bench_engine(parts, ids, method, args.steps)[:2]
     hf32, hfbest = rows["transformers float32"], rows[f"transformers {name[best]}"]
     print()
     print(f"| run | prefill s | decode ms/token | decode x transformers float32 | decode x transformers {name[best]} |")

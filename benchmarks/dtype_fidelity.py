@@ -1,16 +1,17 @@
-"""What bfloat16 costs against float32 on passkey retrieval: first-token KL, greedy agreement, accuracy, speed.
+"""What lower precision costs against float32 on passkey retrieval: first-token KL, greedy agreement,
+accuracy, speed. Precisions: a dtype, or a dtype with "+int8" (int8 weight-only linears, `fastkv.quantize`).
 
-    python benchmarks/dtype_fidelity.py                               # qwen2.5-0.5b, 4K, FullKV and FastKV
+    python benchmarks/dtype_fidelity.py          # qwen2.5-0.5b, 4K, FullKV and FastKV: float32, bfloat16, bfloat16+int8
     python benchmarks/dtype_fidelity.py --lengths 2048,8192 --methods fullkv,snapkv,fastkv --seeds 3
 
-The model is loaded once in each dtype. Every passkey prompt (`fastkv.passkey_prompt`, one per length x
-depth x seed) runs greedily under each method in both dtypes, one after the other in this process. Per
-method it prints: the mean and largest first-token KL(float32 || bfloat16), how often the first token's
-argmax agrees, how many answers are identical, passkey accuracy in each dtype, and the mean prefill
-seconds and decode ms/token in each dtype with their ratio. `fastkv` takes the model's calibrated
-profile, as `fastkv generate` would.
+The model is loaded once in each precision. Every passkey prompt (`fastkv.passkey_prompt`, one per length
+x depth x seed) runs greedily under each method in every precision, one after the other in this process.
+Per method and precision it prints, against the first precision (the reference): the mean and largest
+first-token KL(reference || it), how often the first token's argmax agrees, how many answers are
+identical, passkey accuracy, and the mean prefill seconds and decode ms/token with their ratio to the
+reference. `fastkv` takes the model's calibrated profile, as `fastkv generate` would.
 
-The RULER half of the fidelity check compares two committed evaluation runs instead:
+The RULER half of the fidelity check compares committed evaluation runs instead:
 `benchmarks/compare_runs.py results/ruler-4k-7methods-qwen2.5-0.5b results/ruler-4k-sweep-qwen2.5-0.5b-bfloat16`.
 """
 
@@ -26,8 +27,6 @@ import torch
 from fastkv import LLM, passkey_prompt
 from fastkv.eval.runner import first_token_kl
 
-DTYPES = ("float32", "bfloat16")
-
 
 def mean(rows: list[dict], key: str) -> float:
     values = [r[key] for r in rows if key in r]
@@ -42,12 +41,15 @@ def main() -> None:
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths, shares of the filler")
     ap.add_argument("--seeds", type=int, default=2, help="passkeys per length and depth")
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--precisions", default="float32,bfloat16,bfloat16+int8", help="the first is the reference")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    llms = {dtype: LLM.load(args.model, dtype=dtype) for dtype in DTYPES}
-    tokenizer = llms["float32"].tokenizer
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    llms = {p: load(args.model, p) for p in precisions}
+    reference = precisions[0]
+    tokenizer = llms[reference].tokenizer
     prompts = [
         passkey_prompt(tokenizer, int(length), depth=float(depth), seed=seed)
         for length in args.lengths.split(",")
@@ -56,47 +58,50 @@ def main() -> None:
     ]
     print(f"# {args.model}, {len(prompts)} passkey prompts ({args.lengths} tokens), greedy, {args.max_new_tokens} new")
     print(f"# {platform.machine()}, {args.threads} threads, torch {torch.__version__}")
-    rows: dict[str, list[dict]] = defaultdict(list)
+    rows: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for n, needle in enumerate(prompts):
         for method in methods:
             got = {
-                dtype: llm.generate(needle.text, method, max_new_tokens=args.max_new_tokens, chat=True)
-                for dtype, llm in llms.items()
+                p: llm.generate(needle.text, method, max_new_tokens=args.max_new_tokens, chat=True)
+                for p, llm in llms.items()
             }
-            a, b = got["float32"], got["bfloat16"]
-            row = {
-                "kl": first_token_kl(a.first_logits, b.first_logits),
-                "argmax": int(a.first_logits.argmax() == b.first_logits.argmax()),
-                "same": int(a.token_ids == b.token_ids),
-            }
-            for dtype, r in got.items():
-                row[f"correct {dtype}"] = int(needle.is_correct(r.text))
-                row[f"prefill {dtype}"] = r.stats.prefill_seconds
+            ref = got[reference]
+            for p, r in got.items():
+                row = {
+                    "kl": first_token_kl(ref.first_logits, r.first_logits),
+                    "argmax": int(ref.first_logits.argmax() == r.first_logits.argmax()),
+                    "same": int(ref.token_ids == r.token_ids),
+                    "correct": int(needle.is_correct(r.text)),
+                    "prefill": r.stats.prefill_seconds,
+                }
                 if r.stats.decode_steps:
-                    row[f"decode {dtype}"] = 1000 * r.stats.decode_seconds / r.stats.decode_steps
-            rows[method].append(row)
-            print(
-                f"[{n + 1}/{len(prompts)}] {method:>8}: depth {needle.depth:.1f} key {needle.answer} "
-                f"f32 {a.text.strip()[:24]!r} bf16 {b.text.strip()[:24]!r} KL {row['kl']:.4f}",
-                flush=True,
-            )
+                    row["decode"] = 1000 * r.stats.decode_seconds / r.stats.decode_steps
+                rows[method, p].append(row)
+            answers = " ".join(f"{p} {r.text.strip()[:16]!r}" for p, r in got.items())
+            head = f"[{n + 1}/{len(prompts)}] {method:>8}: depth {needle.depth:.1f} key {needle.answer}"
+            print(f"{head} {answers}", flush=True)
     print()
     print(
-        "| method | first-token KL mean / max | argmax agrees | identical answers | passkey f32 | passkey bf16 "
-        "| prefill s f32 / bf16 | decode ms/token f32 / bf16 |"
+        f"| method | precision | first-token KL vs {reference} mean / max | argmax agrees | identical answers "
+        f"| passkey correct | prefill s (x {reference}) | decode ms/token (x {reference}) |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for method, found in rows.items():
+    for (method, p), found in rows.items():
         n = len(found)
         kl = [r["kl"] for r in found]
-        pf, pb = mean(found, "prefill float32"), mean(found, "prefill bfloat16")
-        df, db = mean(found, "decode float32"), mean(found, "decode bfloat16")
+        base = rows[method, reference]
+        pf, df = mean(found, "prefill"), mean(found, "decode")
         print(
-            f"| {method} | {statistics.mean(kl):.4f} / {max(kl):.4f} | {sum(r['argmax'] for r in found)}/{n} "
-            f"| {sum(r['same'] for r in found)}/{n} | {sum(r['correct float32'] for r in found)}/{n} "
-            f"| {sum(r['correct bfloat16'] for r in found)}/{n} | {pf:.2f} / {pb:.2f} ({pf / pb:.2f}x) "
-            f"| {df:.1f} / {db:.1f} ({df / db:.2f}x) |"
+            f"| {method} | {p} | {statistics.mean(kl):.4f} / {max(kl):.4f} | {sum(r['argmax'] for r in found)}/{n} "
+            f"| {sum(r['same'] for r in found)}/{n} | {sum(r['correct'] for r in found)}/{n} "
+            f"| {pf:.2f} ({mean(base, 'prefill') / pf:.2f}x) | {df:.1f} ({mean(base, 'decode') / df:.2f}x) |"
         )
+
+
+def load(model: str, precision: str) -> LLM:
+    """A model in "dtype" or "dtype+int8"."""
+    dtype, _, quantize = precision.partition("+")
+    return LLM.load(model, dtype=dtype, quantize=quantize or "none")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,28 @@
-"""Would int8 weight-only matmuls speed up decoding? One token's qwen2.5-0.5b-shaped linears, bfloat16
-against torch's int8 weight-only kernel (`aten._weight_int8pack_mm`, per-row scales), side by side.
+"""Int8 weight-only linears against bfloat16 at qwen2.5-0.5b's shapes, side by side in one run: the evidence
+behind `fastkv.quantize` (which kernel for how many rows, and why not float32 or torchao).
 
     python benchmarks/int8_matmul.py
+    python benchmarks/int8_matmul.py --rows 1,8,16,32,48,64,512
 
-Random weights: this times the kernels only; accuracy on the model is not measured here.
+For each linear shape and number of rows (1: a decode step; 8: a batch of 8; hundreds: a prefill chunk) it
+times a bfloat16 matmul, torch's int8 kernel (`aten._weight_int8pack_mm`, per-row scales), dequantizing
+the int8 weight then a bfloat16 matmul, and `fastkv.quantize.Int8Linear` (which picks one of the two);
+for one row also float32 (matmul, and the int8 kernel with float32 activations) and, when torchao is
+installed, torchao's `Int8WeightOnlyConfig` in eager mode. Random weights: this times kernels only;
+accuracy on the model is measured by `benchmarks/dtype_fidelity.py`.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from fastkv.quantize import Int8Linear
 
 SHAPES = {
     "MLP up/gate (4864x896)": (4864, 896),
@@ -20,31 +31,78 @@ SHAPES = {
 }
 
 
-def ms(fn, reps: int = 30) -> float:
+def ms(fn, budget_s: float = 0.5) -> float:
+    """Median ms of fn over repeats filling about budget_s."""
     fn()
     start = time.perf_counter()
-    for _ in range(reps):
+    fn()
+    once = time.perf_counter() - start
+    times = []
+    for _ in range(max(3, min(50, int(budget_s / max(once, 1e-6))))):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / reps * 1e3
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
 
 
+def torchao_linear(linear: nn.Linear):
+    """torchao's int8 weight-only version of a bfloat16 linear, or None without torchao."""
+    if importlib.util.find_spec("torchao") is None:
+        return None
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    wrapped = nn.Sequential(linear)
+    quantize_(wrapped, Int8WeightOnlyConfig())
+    return wrapped
+
+
+def times(linear: nn.Linear, q: Int8Linear, x: torch.Tensor) -> tuple[float, float, float, float]:
+    """ms of x through: the bfloat16 weight, the int8 kernel, dequantize + bfloat16, Int8Linear."""
+    return (
+        ms(lambda: F.linear(x, linear.weight)),
+        ms(lambda: torch.ops.aten._weight_int8pack_mm(x, q.weight, q.scales)),
+        ms(lambda: F.linear(x, q.weight.to(x.dtype) * q.scales[:, None])),
+        ms(lambda: q(x)),
+    )
+
+
+def one_row_alternatives(linear: nn.Linear, q: Int8Linear, x: torch.Tensor) -> str:
+    """Cells for one float32 row x: float32 matmul, the int8 kernel in float32, torchao (bfloat16)."""
+    w32, s32, xb = linear.weight.float(), q.scales.float(), x.bfloat16()
+    f32 = ms(lambda: F.linear(x, w32))
+    f32_kernel = ms(lambda: torch.ops.aten._weight_int8pack_mm(x, q.weight, s32))
+    ao = torchao_linear(linear)
+    ao_ms = f"{ms(lambda: ao(xb)):.3f}" if ao is not None else "(torchao not installed)"
+    return f"{f32:.3f} | {f32_kernel:.3f} | {ao_ms}"
+
+
+@torch.inference_mode()
 def main() -> None:
-    print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}, one bfloat16 token")
-    print("| linear | bfloat16 ms | int8 weight-only ms | speedup | max abs difference |")
-    print("|---|---|---|---|---|")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,8,32,64,512", help="activation rows (tokens) per matmul")
+    args = ap.parse_args()
+    rows = [int(r) for r in args.rows.split(",")]
+    print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}, bfloat16 activations unless named")
+    print(
+        "| linear | rows | bfloat16 ms | int8 kernel ms | dequantize + bfloat16 ms | Int8Linear ms "
+        "| Int8Linear speedup |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    extra = []
     for name, (n, k) in SHAPES.items():
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, k, generator=g).bfloat16()
-        w = torch.randn(n, k, generator=g).bfloat16()
-        scale = w.float().abs().amax(1) / 127
-        q = (w.float() / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
-        s = scale.bfloat16()
-        dense, packed = (
-            ms(lambda x=x, w=w: F.linear(x, w)),
-            ms(lambda x=x, q=q, s=s: torch.ops.aten._weight_int8pack_mm(x, q, s)),
-        )
-        diff = (torch.ops.aten._weight_int8pack_mm(x, q, s).float() - F.linear(x, w).float()).abs().max().item()
-        print(f"| {name} | {dense:.3f} | {packed:.3f} | {dense / packed:.2f}x | {diff:.2f} |")
+        linear = nn.Linear(k, n, bias=False).bfloat16()
+        linear.weight.copy_(torch.randn(n, k, generator=g))
+        q = Int8Linear(linear)
+        for m in rows:
+            dense, kernel, dequant, ours = times(linear, q, torch.randn(m, k, generator=g).bfloat16())
+            print(f"| {name} | {m} | {dense:.3f} | {kernel:.3f} | {dequant:.3f} | {ours:.3f} | {dense / ours:.2f}x |")
+        extra.append(f"| {name} | {one_row_alternatives(linear, q, torch.randn(1, k, generator=g))} |")
+    print()
+    print("One row:")
+    print("| linear | float32 ms | int8 kernel, float32 activations ms | torchao int8 weight-only (eager) ms |")
+    print("|---|---|---|---|")
+    print("\n".join(extra))
 
 
 if __name__ == "__main__":

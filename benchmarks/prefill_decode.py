@@ -177,6 +177,8 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="measure peak memory (slows the timings: run apart)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--quantize", default="none", choices=["none", "int8", "auto"],
+                    help="int8 weight-only linears (transformers then runs through the same ones)")  # fmt: skip
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--compile", action="store_true", help="decode under torch.compile (compiled in the warm-up)")
     ap.add_argument(
@@ -198,8 +200,8 @@ def main() -> None:
         ap.error(str(e))
     chunks = [int(x) or None for x in args.prefill_chunks.split(",") if x]
     try:
-        model, _ = load(args.model, dtype=args.dtype, device=args.device, progress=False)
-    except ValueError as e:  # a device that is not there
+        model, _ = load(args.model, dtype=args.dtype, device=args.device, progress=False, quantize=args.quantize)
+    except ValueError as e:  # a device that is not there, int8 where it cannot run
         ap.error(str(e))
     parts = adapter_for(model)
     # FullKV first: the other ratios need it. Labels are the short names (variants numbered: fastkv#2);
@@ -215,7 +217,8 @@ def main() -> None:
     if parts.device.type == "cuda":
         where = torch.cuda.get_device_name(parts.device)
     print(
-        f"# {args.model} {args.dtype}{' compiled decode' if COMPILE else ''} on {where}, "
+        f"# {args.model} {args.dtype}{'' if args.quantize == 'none' else ' quantize=' + args.quantize}"
+        f"{' compiled decode' if COMPILE else ''} on {where}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} decode steps (median)"
     )
     for name, method in methods.items():

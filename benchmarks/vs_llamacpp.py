@@ -11,8 +11,8 @@ generate exactly --new-tokens tokens greedily (EOS does not stop either), so bot
 - llama.cpp: the registered model's original GGUF file (for qwen2.5-0.5b, Q4_K_M quantized weights),
   written once next to the cache by `fastkv.models.write_gguf`; prompt evaluation in batches of
   --n-batch tokens, then one `eval` per new token;
-- fastkv: `LLM.generate` under each method, in --dtype (default: the device's default dtype), on the same
-  GGUF dequantized.
+- fastkv: `LLM.generate` under each method, in --dtype and --quantize (default: the device's default,
+  bfloat16 with int8 weight-only linears on CPUs with AVX512-BF16), on the same GGUF dequantized.
 
 Each side first runs a short warm-up prompt; then the long prompt is timed once. It prints prefill
 seconds, decode ms/token and time to answer (prefill + all new tokens) for each, and each fastkv
@@ -35,6 +35,7 @@ from fastkv import LLM
 from fastkv.generate import encode_prompt
 from fastkv.models import cache_root, resolve_dtype, write_gguf
 from fastkv.needle import passkey_prompt
+from fastkv.quantize import resolve_quantize
 
 # Runs inside the llama.cpp environment: reads {"gguf", "ids", "warmup", "new", "threads", "n_batch"} on
 # stdin, prints one JSON line of timings.
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--methods", default="fastkv,fullkv", help="comma-separated fastkv method specs")
     ap.add_argument("--dtype", default="auto", help="fastkv's dtype (auto: the device's default)")
+    ap.add_argument("--quantize", default="auto", help="fastkv's weights (auto: int8 with bfloat16 on CPU), none, int8")
     ap.add_argument("--compile", action="store_true", help="fastkv decodes under torch.compile")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--n-batch", type=int, default=512, help="llama.cpp's prompt batch size")
@@ -106,7 +108,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     gguf = write_gguf(args.model, cache_root() / "gguf" / f"{args.model}.gguf")
     dtype = str(resolve_dtype(args.dtype, "cpu")).removeprefix("torch.")
-    llm = LLM.load(args.model, dtype=dtype)
+    quantize = resolve_quantize(args.quantize, "cpu", resolve_dtype(dtype))
+    llm = LLM.load(args.model, dtype=dtype, quantize=quantize)
+    precision = dtype if quantize == "none" else f"{dtype}+{quantize}"
     needle = passkey_prompt(llm.tokenizer, args.length, depth=0.5)
     ids = encode_prompt(llm.tokenizer, needle.text, chat=True)
     warmup = ids[:64]
@@ -118,7 +122,7 @@ def main() -> None:
     rows[f"llama.cpp {cpp['version']} ({gguf.name}, quantized as shipped)"] = cpp
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         found = run_fastkv(llm, ids, warmup, method, args)
-        rows[f"fastkv {method} ({dtype}{', compiled' if args.compile else ''})"] = found
+        rows[f"fastkv {method} ({precision}{', compiled' if args.compile else ''})"] = found
     print()
     print("| engine | prefill s | decode ms/token | time to answer s | vs llama.cpp | passkey found |")
     print("|---|---|---|---|---|---|")

@@ -20,6 +20,7 @@ from .methods.base import REGISTRY as PARTS
 from .methods.base import is_sub
 from .methods.method import defaults, knob_fields
 from .models import DEFAULT_MODEL, DTYPE_HELP, REGISTRY, status
+from .quantize import QUANTIZE_HELP
 
 app = typer.Typer(
     help="FastKV: faster prefill and decoding for long prompts on HuggingFace models.",
@@ -63,6 +64,7 @@ def generate(
     stop: list[str] = typer.Option([], help="stop string (repeatable)"),
     chat: bool = typer.Option(True, help="apply the model's chat template"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    quantize: str = typer.Option("auto", help=QUANTIZE_HELP),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     prefill_chunk: int | None = typer.Option(
         None, help="attend and run MLPs over this many prompt tokens at a time in prefill (bounds its memory)"
@@ -93,7 +95,7 @@ def generate(
             rows = read_prompts(batch)
         except ValueError as e:
             fail(str(e))
-        llm = load_llm(model, dtype, device)
+        llm = load_llm(model, dtype, device, quantize)
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         try:
             chosen, _ = llm.method(method, **knobs)
@@ -114,7 +116,7 @@ def generate(
     text = "\n\n".join(part for part in (context.strip(), question) if part)
     if not text:
         fail("no prompt: give --prompt-file, pipe text on stdin, or --question")
-    llm = load_llm(model, dtype, device)
+    llm = load_llm(model, dtype, device, quantize)
     try:
         chosen, defaults = llm.method(method, **knobs)  # with the model's calibrated FastKV defaults, if any
     except ValueError as e:
@@ -149,9 +151,9 @@ def generate(
     write("\n")
     s = result.stats
     source = f" (defaults: {defaults})" if defaults else ""
-    precision = str(llm.model.dtype).removeprefix("torch.")
     err.print(
-        f"[dim]{s.method}{source}, {precision}\n{s.prompt_tokens} prompt tokens, prefill {s.prefill_seconds:.2f} s, "
+        f"[dim]{s.method}{source}, {llm.precision}\n"
+        f"{s.prompt_tokens} prompt tokens, prefill {s.prefill_seconds:.2f} s, "
         f"decode {rate(s.decode_tokens_per_s)} tok/s, KV {s.kv_bytes / 2**20:.1f} MiB "
         f"({100 * s.kv_ratio:.1f}% of full), {s.new_tokens} tokens, finish: {result.finish_reason}[/]",
         highlight=False,
@@ -173,6 +175,7 @@ def serve(
     max_batch: int = typer.Option(16, help="most requests decoding at once"),
     max_queue: int = typer.Option(64, help="most requests waiting; more get 429"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    quantize: str = typer.Option("auto", help=QUANTIZE_HELP),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     compile: bool = typer.Option(False, "--compile", help="decode under torch.compile"),
     ray: bool = typer.Option(False, "--ray", help="serve as Ray Serve replicas (the ray extra)", rich_help_panel="Ray"),
@@ -205,7 +208,7 @@ def serve(
     if ray:
         from .serve.ray_app import ReplicaOptions, Scaling
 
-        options = ReplicaOptions(model, method, dtype, device, kv_mib, max_batch, max_queue, compile)
+        options = ReplicaOptions(model, method, dtype, device, kv_mib, max_batch, max_queue, compile, quantize=quantize)
         scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing, replica_cpus, replica_gpus)
         serve_on_ray(options, scaling, host, port, ray_address)
         return
@@ -213,7 +216,7 @@ def serve(
 
     from .serve.api import create_app
 
-    llm = load_llm(model, dtype, device)
+    llm = load_llm(model, dtype, device, quantize)
     try:
         application = create_app(llm, model, method, kv_mib, max_batch, max_queue, compile=compile)
     except ValueError as e:
@@ -380,12 +383,13 @@ def demo(
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", "-n"),
     seed: int = typer.Option(0, help="chooses the passkey"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    quantize: str = typer.Option("auto", help=QUANTIZE_HELP),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Needle in a haystack: FullKV, SnapKV and FastKV on one long prompt, side by side."""
     from .needle import passkey_prompt
 
-    llm = load_llm(model, dtype, device)
+    llm = load_llm(model, dtype, device, quantize)
     try:
         needle = passkey_prompt(llm.tokenizer, tokens, depth=depth, seed=seed)
     except ValueError as e:

@@ -16,12 +16,12 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def load_llm(model: str, dtype: str, device: str):
+def load_llm(model: str, dtype: str, device: str, quantize: str = "none"):
     """Load a model for a command, turning a bad name or a missing package into a clear error."""
     from .generate import LLM
     from .models import ModelNotInstalledError
 
     try:
-        return LLM.load(model, dtype=dtype, device=device)
+        return LLM.load(model, dtype=dtype, device=device, quantize=quantize)
     except (ValueError, ModelNotInstalledError) as e:
         fail(str(e))

@@ -344,12 +344,29 @@ class LLM:
         self.profile = find(name)
 
     @classmethod
-    def load(cls, name: str | None = None, dtype: str = "auto", device: str = "cpu", progress: bool = True) -> LLM:
+    def load(
+        cls,
+        name: str | None = None,
+        dtype: str = "auto",
+        device: str = "cpu",
+        progress: bool = True,
+        quantize: str = "auto",
+    ) -> LLM:
+        """A model by name (`fastkv.models.load`), by default in the device's dtype with int8 weights where
+        they decode faster (bfloat16 on CPU; `quantize="none"` keeps the dtype's weights)."""
         from .models import DEFAULT_MODEL, load
 
         name = name or DEFAULT_MODEL
-        model, tokenizer = load(name, dtype=dtype, device=device, progress=progress)
+        model, tokenizer = load(name, dtype=dtype, device=device, progress=progress, quantize=quantize)
         return cls(model, tokenizer, name)
+
+    @property
+    def precision(self) -> str:
+        """The dtype the model computes in, with "+int8" where its linears hold int8 weights."""
+        from .quantize import Int8Linear
+
+        dtype = str(self.parts.dtype).removeprefix("torch.")
+        return dtype + ("+int8" if isinstance(self.parts.lm_head, Int8Linear) else "")
 
     def method(self, method: Method | str | None = None, **knobs) -> tuple[Method, str]:
         """The method a spec means for this model, and where FastKV's defaults came from."""

@@ -246,13 +246,18 @@ def load(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    quantize: str = "none",
 ):
     """Load (model, tokenizer) by registered name, local directory, local .gguf file or HF model id, in
-    `dtype` ("auto": the device's default, `default_dtype`)."""
+    `dtype` ("auto": the device's default, `default_dtype`). quantize: "int8" stores the linears' weights
+    as int8 (`fastkv.quantize`), "auto" does where it is faster (bfloat16 on CPU), "none" keeps `dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .quantize import quantize_int8, resolve_quantize
 
     check_device(device)
     dtype = resolve_dtype(dtype, device)
+    quantize = resolve_quantize(quantize, device, dtype)
     kwargs: dict = {}
     if name in REGISTRY:
         source = prepare_dtype(REGISTRY[name], dtype, progress=progress)
@@ -270,7 +275,10 @@ def load(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as err:
         raise ValueError(f"could not load model {name!r}: {err}") from err
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    if quantize == "int8":
+        quantize_int8(model)
+    return model, tokenizer
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL, progress: bool = True):

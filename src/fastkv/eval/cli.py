@@ -93,6 +93,14 @@ RETAIN = typer.Option(0.1, help="KV budget of every method that has one and does
 # Evaluations stay in float32 by default, unlike generation ("auto"): the reference precision, so that runs
 # from any machine compare, and the committed runs resume in the precision they began in.
 EVAL_DTYPE_HELP = "float32 (the reference, and the default of committed runs), bfloat16, float16"
+EVAL_QUANTIZE = typer.Option("none", help="none (the reference), int8 (int8 weights, with --dtype bfloat16 on CPU)")
+
+
+def precision(dtype: str, quantize: str) -> str:
+    """How a run records its precision: the dtype, with "+int8" for int8 weights (old runs keep theirs)."""
+    return dtype if quantize == "none" else f"{dtype}+{quantize}"
+
+
 TSP = typer.Option(0.2, help="TSP rate of every method with TSP that does not set it")
 OUT = typer.Option(None, "--out", "-o", help="output directory (default: runs/<suite>)")
 LIMIT = typer.Option(None, help="answer at most N items per task (quick runs)")
@@ -117,8 +125,8 @@ WORKER_THREADS = typer.Option(None, help="with --ray: torch threads per worker (
 
 
 @contextmanager
-def answerer(ray: str | None, workers: int, cpus: float, threads: int | None, model: str, dtype: str, device: str,
-             separate: bool):  # fmt: skip
+def answerer(ray: str | None, workers: int, cpus: float, threads: int | None, model: str, dtype: str, quantize: str,
+             device: str, separate: bool):  # fmt: skip
     """The runner's `answer` for --ray (None: this process); its workers go when the block ends."""
     if ray is None:
         yield None
@@ -129,7 +137,9 @@ def answerer(ray: str | None, workers: int, cpus: float, threads: int | None, mo
 
     try:
         address = None if ray == "local" else ray
-        answer = RayAnswer(model, dtype, device, workers, address, cpus, shared=not separate, threads=threads)
+        answer = RayAnswer(
+            model, dtype, device, workers, address, cpus, shared=not separate, threads=threads, quantize=quantize
+        )
     except (ValueError, ConnectionError) as e:
         fail(f"--ray {ray}: {e}")
     try:
@@ -154,6 +164,7 @@ def ruler(
     time_prefill: bool = TIME_PREFILL,
     chat: bool = typer.Option(True, help="apply the chat template"),
     dtype: str = typer.Option("float32", help=EVAL_DTYPE_HELP),
+    quantize: str = EVAL_QUANTIZE,
     device: str = typer.Option("cpu"),
     ray: str | None = RAY,
     workers: int = WORKERS,
@@ -170,7 +181,8 @@ def ruler(
     lengths = numbers(length, int, "--length")
     count = min(samples, limit) if limit else samples
     built = build_methods(methods, retain_rate, tsp_rate)
-    llm = load_llm(model, dtype, device)
+    llm = load_llm(model, dtype, device, quantize)
+    dtype_label = precision(dtype, quantize)
     runs = bound(built, llm)
     out_path = out_dir or Path("runs") / "ruler"
     config = {
@@ -182,12 +194,12 @@ def ruler(
         "methods": list(runs),
         "model": model,
         "chat": chat,
-        "dtype": dtype,
+        "dtype": dtype_label,
     }
     metrics = {}
-    with answerer(ray, workers, worker_cpus, worker_threads, model, dtype, device, separate) as answer:
+    with answerer(ray, workers, worker_cpus, worker_threads, model, dtype, quantize, device, separate) as answer:
         for target in lengths:
-            metrics = ruler_length(llm, model, target, chosen, count, seed, chat, dtype, runs, out_path, config,
+            metrics = ruler_length(llm, model, target, chosen, count, seed, chat, dtype_label, runs, out_path, config,
                                    separate, time_prefill, answer)  # fmt: skip
     show(metrics, out_path)
 
@@ -236,6 +248,7 @@ def niah(
     separate: bool = SEPARATE,
     time_prefill: bool = TIME_PREFILL,
     dtype: str = typer.Option("float32", help=EVAL_DTYPE_HELP),
+    quantize: str = EVAL_QUANTIZE,
     device: str = typer.Option("cpu"),
     ray: str | None = RAY,
     workers: int = WORKERS,
@@ -248,7 +261,8 @@ def niah(
 
     built = build_methods(methods, retain_rate, tsp_rate)
     grid = [(n, d) for n in numbers(lengths, int, "--lengths") for d in numbers(depths, float, "--depths")]
-    llm = load_llm(model, dtype, device)
+    llm = load_llm(model, dtype, device, quantize)
+    dtype_label = precision(dtype, quantize)
     runs = bound(built, llm)
     out_path = out_dir or Path("runs") / "niah"
     items = []
@@ -269,9 +283,9 @@ def niah(
                 {"length": n, "depth": d},
             )
         )
-    config = {"suite": "niah", "grid": grid, "model": model, "dtype": dtype, "methods": list(runs)}
-    settings = {"dtype": dtype}
-    with answerer(ray, workers, worker_cpus, worker_threads, model, dtype, device, separate) as answer:
+    config = {"suite": "niah", "grid": grid, "model": model, "dtype": dtype_label, "methods": list(runs)}
+    settings = {"dtype": dtype_label}
+    with answerer(ray, workers, worker_cpus, worker_threads, model, dtype, quantize, device, separate) as answer:
         metrics = run(llm, model, "niah", runs, items, out_path, config, settings=settings, shared=not separate,
                       time_prefill=time_prefill, answer=answer)  # fmt: skip
     rows = [json.loads(line) for line in (out_path / "predictions.jsonl").read_text().splitlines() if line]
@@ -294,6 +308,7 @@ def longbench(
     separate: bool = SEPARATE,
     time_prefill: bool = TIME_PREFILL,
     dtype: str = typer.Option("float32", help=EVAL_DTYPE_HELP),
+    quantize: str = EVAL_QUANTIZE,
     device: str = typer.Option("cpu"),
     ray: str | None = RAY,
     workers: int = WORKERS,
@@ -312,7 +327,8 @@ def longbench(
             examples += LB.load_task(data_dir, task)[:limit]
         except (ValueError, FileNotFoundError) as e:
             fail(str(e))
-    llm = load_llm(model, dtype, device)
+    llm = load_llm(model, dtype, device, quantize)
+    dtype_label = precision(dtype, quantize)
     runs = bound(built, llm)
     window = llm.parts.max_positions
     items = []
@@ -329,12 +345,12 @@ def longbench(
         "tasks": split(tasks),
         "limit": limit,
         "model": model,
-        "dtype": dtype,
+        "dtype": dtype_label,
         "methods": list(runs),
     }
     out_path = out_dir or Path("runs") / "longbench"
-    settings = {"dtype": dtype, "max_length": max_length}
-    with answerer(ray, workers, worker_cpus, worker_threads, model, dtype, device, separate) as answer:
+    settings = {"dtype": dtype_label, "max_length": max_length}
+    with answerer(ray, workers, worker_cpus, worker_threads, model, dtype, quantize, device, separate) as answer:
         metrics = run(llm, model, "longbench", runs, items, out_path, config, settings=settings,
                       shared=not separate, time_prefill=time_prefill, answer=answer)  # fmt: skip
     show(metrics, out_path)

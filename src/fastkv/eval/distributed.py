@@ -26,13 +26,13 @@ RETRIES = 3  # times one job may lose its worker before the run gives up
 class EvalWorker:
     """A Ray actor's state: the model, loaded once."""
 
-    def __init__(self, model: str, dtype: str, device: str, threads: int) -> None:
+    def __init__(self, model: str, dtype: str, device: str, threads: int, quantize: str = "none") -> None:
         import torch
 
         from ..generate import LLM
 
         torch.set_num_threads(threads)
-        self.llm = LLM.load(model, dtype=dtype, device=device, progress=False)
+        self.llm = LLM.load(model, dtype=dtype, device=device, progress=False, quantize=quantize)
 
     def answer(self, ids: list[int], methods: list, options: dict, shared: bool) -> list:
         if shared:
@@ -66,6 +66,7 @@ class RayAnswer:
         gpus: float = 0,
         shared: bool = True,
         threads: int | None = None,
+        quantize: str = "none",
     ) -> None:
         import ray
 
@@ -76,7 +77,7 @@ class RayAnswer:
         self.ray, self.shared = ray, shared
         threads = threads or max(1, int(cpus))
         self.actor = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(EvalWorker)
-        self.args = (model, dtype, device, threads)
+        self.args = (model, dtype, device, threads, quantize)
         self.workers = [self._spawn() for _ in range(workers)]
         self.lost = 0  # jobs whose worker died (requeued)
         self.computed = 0  # jobs answered

@@ -41,6 +41,7 @@ class ReplicaOptions:
     max_queue: int = 64
     compile: bool = False
     threads: int | None = None  # torch threads per replica (default: its CPUs)
+    quantize: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def build_app(options: ReplicaOptions):
     if options.threads:
         torch.set_num_threads(options.threads)
     name = serve.get_replica_context().replica_id.unique_id
-    llm = LLM.load(options.model, dtype=options.dtype, device=options.device, progress=False)
+    llm = LLM.load(options.model, dtype=options.dtype, device=options.device, progress=False, quantize=options.quantize)
     app = create_app(llm, options.model, options.method, options.kv_mib, options.max_batch, options.max_queue,
                      options.compile, replica=name, metrics_body=all_replicas_metrics)  # fmt: skip
     _REPLICA.update(name=name, metrics=app.state.metrics)

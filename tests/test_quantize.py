@@ -1,0 +1,115 @@
+"""Int8 weight-only linears (`fastkv.quantize`): exact against a brute-force dequantized matmul, the engine
+equal to transformers' own forward on the quantized model, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from fastkv import LLM, FullKV, adapter_for, make_method, prefill, quantize
+from fastkv.cli import app
+from fastkv.quantize import KERNEL_ROWS, Int8Linear, quantize_int8, resolve_quantize
+
+from .conftest import build_tiny, prompt_ids
+from .test_fullkv import greedy
+
+
+def brute_force_int8(weight: torch.Tensor) -> torch.Tensor:
+    """The weight each row's int8 codes stand for, row by row: scale max|w| / 127 (stored in the weight's
+    dtype), codes rounded and kept within +-127."""
+    rows = []
+    for row in weight.detach().float():
+        scale = float(torch.tensor(float(row.abs().max()) / 127 or 1.0).to(weight.dtype))
+        rows.append(torch.tensor([max(-127, min(127, round(float(w) / scale))) * scale for w in row]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 7, KERNEL_ROWS + 9])  # the int8 kernel, and the dequantizing path
+@pytest.mark.parametrize("block", [8192, 10])  # output features dequantized at once: all, or 10 (a ragged last block)
+def test_int8_linear_equals_a_brute_force_dequantized_matmul(bias, rows, block, monkeypatch):
+    monkeypatch.setattr(quantize, "DEQUANTIZE_BLOCK", block)
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 24, bias=bias).bfloat16()
+    with torch.no_grad():
+        linear.weight[3] = 0  # an all-zero row stays zero
+    q = Int8Linear(linear)
+    expected_w = brute_force_int8(linear.weight)
+    assert q.weight.dtype == torch.int8 and q.scales.dtype == torch.bfloat16
+    assert torch.equal(q.weight[3], torch.zeros(48, dtype=torch.int8))
+    # Every weight moves by at most half a step of its row, plus what the bfloat16 scale's rounding adds.
+    step = linear.weight.float().abs().amax(1, keepdim=True) / 127
+    assert ((expected_w - linear.weight.float()).abs() <= step / 2 + 127 * step * 2**-8).all()
+    assert torch.equal(q.weight.float() * q.scales.float()[:, None], expected_w)
+    x = torch.randn(2, rows, 48).bfloat16()
+    expected = x.float() @ expected_w.T + (linear.bias.float() if bias else 0)
+    with torch.inference_mode():
+        got = q(x)
+    assert got.shape == (2, rows, 24) and got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_quantize_replaces_every_decoder_linear_and_the_output_layer():
+    model = build_tiny("qwen2").bfloat16()
+    embedding = model.model.embed_tokens.weight.clone()
+    assert quantize_int8(model) == 4 * 7 + 1  # q, k, v, o, gate, up, down per layer; lm_head
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert isinstance(model.lm_head, Int8Linear)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)  # gathered, so left alone
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_the_engine_on_int8_weights_follows_transformers_forward(family):
+    """transformers' own forward through the same quantized modules is the reference: FullKV's greedy tokens
+    equal its greedy generation, its logits equal its forward's; and they stay near the unquantized model's
+    (a sanity bound: misplaced scales or a transposed weight would be off by about 100%)."""
+    model = build_tiny(family).bfloat16()
+    plain = build_tiny(family).bfloat16()
+    quantize_int8(model)
+    ids = prompt_ids(48, seed=3)
+    with torch.inference_mode():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False, pad_token_id=0)  # fmt: skip
+        forward = model(ids).logits[:, -1].float()
+        unquantized = plain(ids).logits[:, -1].float()
+    ours, _ = greedy(adapter_for(model), ids, FullKV(), 12)
+    assert ours == ref[0, 48:].tolist()
+    _, logits, _ = prefill(adapter_for(model), ids, FullKV())
+    assert (logits - forward).abs().max() <= 0.02 * forward.abs().max()
+    assert (logits - unquantized).abs().max() <= 0.15 * unquantized.abs().max()
+
+
+def test_a_batch_on_int8_weights_equals_each_solo_run(tiny_dir):
+    llm = LLM.load(str(tiny_dir), dtype="bfloat16", progress=False)  # auto: int8 on CPU in bfloat16
+    assert isinstance(llm.model.lm_head, Int8Linear) and llm.precision == "bfloat16+int8"
+    method = make_method("fastkv", tsp_layer=1, tsp_rate=0.5, retain_rate=0.5)
+    prompts = [list(range(5, 80)), list(range(200, 240)), list(range(300, 420))]
+    batch = llm.generate(prompts, method, max_new_tokens=8, ignore_eos=True)
+    solo = [llm.generate(p, method, max_new_tokens=8, ignore_eos=True) for p in prompts]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in solo]
+
+
+def test_auto_quantizes_only_bfloat16_on_cpu(tiny_dir):
+    assert resolve_quantize("auto", "cpu", torch.bfloat16) == "int8"
+    assert resolve_quantize("auto", "cpu", torch.float32) == "none"
+    assert resolve_quantize("auto", "cuda", torch.bfloat16) == "none"
+    assert resolve_quantize("none", "cpu", torch.bfloat16) == "none"
+    plain = LLM.load(str(tiny_dir), dtype="float32", progress=False)
+    assert type(plain.model.lm_head) is nn.Linear and plain.precision == "float32"
+    kept = LLM.load(str(tiny_dir), dtype="bfloat16", quantize="none", progress=False)
+    assert type(kept.model.lm_head) is nn.Linear
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quantize", "int8", "--dtype", "float32"], "quantize='int8' needs bfloat16 on CPU (asked: float32"),
+        (["--quantize", "int4"], "unknown quantize 'int4'"),
+    ],
+)
+def test_int8_where_it_cannot_run_is_refused(args, message):
+    result = CliRunner().invoke(app, ["generate", "--method", "fullkv", *args, "-q", "hello"])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
