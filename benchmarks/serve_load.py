@@ -161,16 +161,17 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--kv-mib", type=float, default=4096)
     ap.add_argument("--dtype", default="auto", help="auto (the device's default), float32, bfloat16")
+    ap.add_argument("--quantize", default="auto", help="auto (int8 weights with bfloat16 on CPU), none, int8")
     ap.add_argument("--repeat", type=int, default=1, help="run the load this many times; RSS after each")
-    ap.add_argument("--url", help="load a running server instead (fastkv serve --ray); --kv-mib/--dtype are its own")
+    ap.add_argument("--url", help="load a running server instead (fastkv serve --ray); it has its own precision")
     args = ap.parse_args()
     requests = args.requests or args.clients
     if args.url:
         llm, dtype = None, "(the server's dtype)"
         tokenizer = load_tokenizer(args.model, progress=False)
     else:
-        llm = LLM.load(args.model, dtype=args.dtype, progress=False)
-        dtype, tokenizer = str(llm.model.dtype).removeprefix("torch."), llm.tokenizer
+        llm = LLM.load(args.model, dtype=args.dtype, progress=False, quantize=args.quantize)
+        dtype, tokenizer = llm.precision, llm.tokenizer
     texts = [prompt(tokenizer, args.prompt_tokens, seed) for seed in range(max(requests, 1))]
     print(
         f"# {args.model} {dtype}, {os.cpu_count()} CPUs, {args.clients} clients, {requests} requests of "
