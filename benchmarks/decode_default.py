@@ -24,7 +24,7 @@ import torch
 
 from fastkv import adapter_for
 from fastkv.methods import make_method
-from fastkv.models import default_dtype, load
+from fastkv.models import REGISTRY, default_dtype, load, prepare_dtype
 from fastkv.quantize import resolve_quantize
 
 
@@ -51,7 +51,8 @@ def main() -> None:
     if resolve_quantize("auto", "cpu", best) == "int8":
         variants.append((f"{name[best]}+int8", best, "int8"))
     for label, d, quantize in variants:
-        load(args.model, dtype=d, progress=False)  # writes the dtype's cache once, untimed
+        if args.model in REGISTRY:
+            prepare_dtype(REGISTRY[args.model], d, progress=False)  # the dtype's cache, written once, untimed
         start = time.perf_counter()
         models[label] = load(args.model, dtype=d, progress=False, quantize=quantize)[0]
         load_s[label] = time.perf_counter() - start

@@ -33,9 +33,8 @@ import torch
 
 from fastkv import LLM
 from fastkv.generate import encode_prompt
-from fastkv.models import cache_root, resolve_dtype, write_gguf
+from fastkv.models import cache_root, write_gguf
 from fastkv.needle import passkey_prompt
-from fastkv.quantize import resolve_quantize
 
 # Runs inside the llama.cpp environment: reads {"gguf", "ids", "warmup", "new", "threads", "n_batch"} on
 # stdin, prints one JSON line of timings.
@@ -107,10 +106,7 @@ def main() -> None:
         )
     torch.set_num_threads(args.threads)
     gguf = write_gguf(args.model, cache_root() / "gguf" / f"{args.model}.gguf")
-    dtype = str(resolve_dtype(args.dtype, "cpu")).removeprefix("torch.")
-    quantize = resolve_quantize(args.quantize, "cpu", resolve_dtype(dtype))
-    llm = LLM.load(args.model, dtype=dtype, quantize=quantize)
-    precision = dtype if quantize == "none" else f"{dtype}+{quantize}"
+    llm = LLM.load(args.model, dtype=args.dtype, quantize=args.quantize)
     needle = passkey_prompt(llm.tokenizer, args.length, depth=0.5)
     ids = encode_prompt(llm.tokenizer, needle.text, chat=True)
     warmup = ids[:64]
@@ -122,7 +118,7 @@ def main() -> None:
     rows[f"llama.cpp {cpp['version']} ({gguf.name}, quantized as shipped)"] = cpp
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         found = run_fastkv(llm, ids, warmup, method, args)
-        rows[f"fastkv {method} ({precision}{', compiled' if args.compile else ''})"] = found
+        rows[f"fastkv {method} ({llm.precision}{', compiled' if args.compile else ''})"] = found
     print()
     print("| engine | prefill s | decode ms/token | time to answer s | vs llama.cpp | passkey found |")
     print("|---|---|---|---|---|---|")

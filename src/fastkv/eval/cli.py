@@ -94,13 +94,6 @@ RETAIN = typer.Option(0.1, help="KV budget of every method that has one and does
 # from any machine compare, and the committed runs resume in the precision they began in.
 EVAL_DTYPE_HELP = "float32 (the reference, and the default of committed runs), bfloat16, float16"
 EVAL_QUANTIZE = typer.Option("none", help="none (the reference), int8 (int8 weights, with --dtype bfloat16 on CPU)")
-
-
-def precision(dtype: str, quantize: str) -> str:
-    """How a run records its precision: the dtype, with "+int8" for int8 weights (old runs keep theirs)."""
-    return dtype if quantize == "none" else f"{dtype}+{quantize}"
-
-
 TSP = typer.Option(0.2, help="TSP rate of every method with TSP that does not set it")
 OUT = typer.Option(None, "--out", "-o", help="output directory (default: runs/<suite>)")
 LIMIT = typer.Option(None, help="answer at most N items per task (quick runs)")
@@ -122,6 +115,11 @@ RAY = typer.Option(
 WORKERS = typer.Option(2, help="with --ray: workers, each an actor holding the model")
 WORKER_CPUS = typer.Option(1.0, help="with --ray: CPUs Ray reserves per worker")
 WORKER_THREADS = typer.Option(None, help="with --ray: torch threads per worker (default: its CPUs)")
+
+
+def precision(dtype: str, quantize: str) -> str:
+    """How a run records its precision: the dtype, with "+int8" for int8 weights (old runs keep theirs)."""
+    return dtype if quantize == "none" else f"{dtype}+{quantize}"
 
 
 @contextmanager
