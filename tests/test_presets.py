@@ -1,9 +1,17 @@
-"""The nine presets reproduce, bit for bit, what the methods selected and output before they became
-compositions of a context reducer and a cache policy (fixtures recorded by tests/fixtures/record_presets.py).
+"""The nine presets reproduce what the methods selected and output before they became compositions of a
+context reducer and a cache policy (fixtures recorded by tests/fixtures/record_presets.py, on an AVX512-BF16
+CPU).
 
-Decode steps are the exception: since the cache became fixed-shape, a decode step attends over the layer's
-whole buffer under a mask instead of a slice of it, which reorders float sums. Their logits must stay within
-float rounding of the recorded ones (measured: 7e-7 of the largest) and pick the same tokens.
+Selections, positions, masks and sizes must match exactly: they are integers. Logits (prefill's and every
+decode step's) are float32 sums whose rounding depends on the instruction set the kernels use (AVX-512,
+AVX2, ...) and on summation order (a fixed-shape decode step attends over the whole buffer under a mask).
+So they must match within LOGITS_TOLERANCE of the largest logit, and pick the same tokens.
+
+Why 1e-4: measured against the fixtures, the largest difference is 7e-7 of the largest logit natively, 1e-6
+with ATen forced to AVX2 (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2) and 4.7e-6 with every kernel
+forced down to SSE4.2 or ATen's default, so 1e-4 leaves 20x headroom over the worst ISA seen. A real
+change of behaviour is far above it: the smallest gap between the best and second-best logit in these
+fixtures is 9e-3 of the largest, and a different selection moves logits by 1e-2 or more.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import torch
 from .fixtures.record_presets import CONFIGS, FAMILIES, PATH, run
 
 RECORDED = torch.load(PATH)
+LOGITS_TOLERANCE = 1e-4  # of the largest logit; see the module docstring
 
 
 def equal(a, b) -> bool:
@@ -33,10 +42,10 @@ def test_preset_reproduces_its_fixture(name, family):
     assert recorded.keys() == now.keys()
     for key in recorded.keys() - {"logits"}:
         assert equal(recorded[key], now[key]), key
-    before, after = recorded["logits"], now["logits"]
-    assert torch.equal(before[0], after[0])  # prefill's
+    before, after = recorded["logits"], now["logits"]  # [1 + steps, B, V]: prefill's, then each decode step's
     assert torch.equal(before.argmax(-1), after.argmax(-1))
-    assert (before - after).abs().max() <= 1e-5 * before.abs().max()
+    worst = float((before - after).abs().max() / before.abs().max())
+    assert worst <= LOGITS_TOLERANCE, f"logits differ by {worst:.1e} of the largest"
 
 
 def test_fixtures_cover_every_preset():
