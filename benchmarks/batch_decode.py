@@ -20,8 +20,8 @@ import time
 import torch
 
 from fastkv import adapter_for, decode_step, prefill
-from fastkv.batch import merge
-from fastkv.methods import make_methods
+from fastkv.cache import merge
+from fastkv.methods import format_spec, parse, split_specs
 from fastkv.models import load
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",") if b]
     weights = [q.strip() for q in args.quantize.split(",") if q.strip()]
     try:
-        methods = make_methods(args.methods, retain_rate=0.1, tsp_rate=0.2)
+        methods = [parse(s, defaults={"retain_rate": 0.1, "tsp_rate": 0.2}) for s in split_specs(args.methods)]
         models = {
             q: load(args.model, dtype=args.dtype, device=args.device, progress=False, quantize=q)[0] for q in weights
         }
@@ -92,7 +92,7 @@ def main() -> None:
                 kv = sum(k.numel() * k.element_size() * 2 for k in batch.keys) / 2**20
                 cells = f"{kv:>8.1f} {ms:>8.1f} {rate:>8.1f} {rate / single:>9.2f} {rate / base:>9.2f}"
                 print(f"{method.name:<10} {quantize:>8} {b:>5} {cells}")
-            print(f"#   {bound.spec}")
+            print(f"#   {format_spec(bound)}")
 
 
 if __name__ == "__main__":

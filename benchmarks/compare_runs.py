@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from fastkv.eval.metrics import first_token_kl
 from fastkv.eval.paired import paired_difference
-from fastkv.eval.runner import first_token_kl, logits_name
+from fastkv.eval.store import logits_name
 
 
 def rows(run: Path, method: str) -> dict[tuple, dict]:

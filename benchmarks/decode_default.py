@@ -23,8 +23,8 @@ import prefill_decode as pd  # this directory's benchmark: its timing helpers
 import torch
 
 from fastkv import adapter_for
-from fastkv.methods import make_method
-from fastkv.models import REGISTRY, default_dtype, load, prepare_dtype
+from fastkv.methods import format_spec, parse
+from fastkv.models import MODELS, default_dtype, load, prepare_dtype
 from fastkv.quantize import resolve_quantize
 
 
@@ -51,19 +51,19 @@ def main() -> None:
     if resolve_quantize("auto", "cpu", best) == "int8":
         variants.append((f"{name[best]}+int8", best, "int8"))
     for label, d, quantize in variants:
-        if args.model in REGISTRY:
-            prepare_dtype(REGISTRY[args.model], d, progress=False)  # the dtype's cache, written once, untimed
+        if args.model in MODELS:
+            prepare_dtype(MODELS[args.model], d, progress=False)  # the dtype's cache, written once, untimed
         start = time.perf_counter()
         models[label] = load(args.model, dtype=d, progress=False, quantize=quantize)[0]
         load_s[label] = time.perf_counter() - start
     hf = {name[d]: models[name[d]] for d in dtypes}  # transformers' own runs: its weights in each dtype
     default = list(models)[-1]
-    method = make_method(args.method, retain_rate=0.1, tsp_rate=0.2)
+    method = parse(args.method, knobs={"retain_rate": 0.1, "tsp_rate": 0.2})
     ids = pd.prompt(models["float32"].config.vocab_size, args.length)
     warm = ids[:, :256]
     print(f"# {args.model}, {args.length}-token prompt, {args.steps} decode steps (median), {args.threads} threads, "
           f"{platform.machine()}, torch {torch.__version__}; CPU default: {default}")  # fmt: skip
-    print(f"# engine method: {method.bind(adapter_for(models[default]).num_layers).spec}")
+    print(f"# engine method: {format_spec(method.bind(adapter_for(models[default]).num_layers))}")
     held = (f"{label} {weight_mib(m):.0f} MiB (loaded in {load_s[label]:.1f} s)" for label, m in models.items())
     print("# weights held: " + ", ".join(held))
     rows = {}

@@ -25,7 +25,7 @@ from collections import defaultdict
 import torch
 
 from fastkv import LLM, passkey_prompt
-from fastkv.eval.runner import first_token_kl
+from fastkv.eval.metrics import first_token_kl
 
 
 def mean(rows: list[dict], key: str) -> float:
@@ -62,7 +62,7 @@ def main() -> None:
     for n, needle in enumerate(prompts):
         for method in methods:
             got = {
-                p: llm.generate(needle.text, method, max_new_tokens=args.max_new_tokens, chat=True)
+                p: llm.generate(needle.text, method, max_tokens=args.max_new_tokens, chat=True)
                 for p, llm in llms.items()
             }
             ref = got[reference]

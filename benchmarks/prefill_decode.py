@@ -32,7 +32,7 @@ import time
 import torch
 
 from fastkv import KVCache, adapter_for, decode_step, prefill
-from fastkv.methods import FullKV, make_methods
+from fastkv.methods import FullKV, format_spec, parse, split_specs
 from fastkv.models import load
 
 
@@ -195,7 +195,7 @@ def main() -> None:
         PeakMemory.enabled = True
         return_freed_memory_to_the_os()
     try:
-        chosen = make_methods(args.methods, retain_rate=0.1, tsp_rate=0.2)
+        chosen = [parse(s, defaults={"retain_rate": 0.1, "tsp_rate": 0.2}) for s in split_specs(args.methods)]
     except ValueError as e:
         ap.error(str(e))
     chunks = [int(x) or None for x in args.prefill_chunks.split(",") if x]
@@ -222,7 +222,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} decode steps (median)"
     )
     for name, method in methods.items():
-        print(f"#   {name}: {method.spec}")
+        print(f"#   {name}: {format_spec(method)}")
     # Warm up kernels and allocator so that the first timed run is not penalised.
     warm = prompt(vocab, 256).to(parts.device)
     bench_engine(parts, warm, methods["fullkv"], 2, chunks[0])
@@ -260,7 +260,7 @@ def main() -> None:
                 f"{peak:>8.0f} {peak / full[3]:>5.2f}"
             )
             row[name] = {
-                "spec": method.spec,
+                "spec": format_spec(method),
                 "chunk": chunk,
                 "prefill_s": p,
                 "decode_ms": dms,

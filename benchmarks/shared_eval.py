@@ -18,7 +18,7 @@ import torch
 
 from fastkv import LLM
 from fastkv.eval import ruler
-from fastkv.methods import make_method
+from fastkv.methods import parse
 
 
 def timed(fn):
@@ -40,16 +40,16 @@ def main() -> None:
     text = ruler.render(llm.tokenizer, sample.input, sample.answer_prefix, True)
     ids = llm.tokenizer(text, add_special_tokens=False)["input_ids"]
     r = args.retain_rate
-    calibrated, source = llm.method(f"fastkv(retain_rate={r})")
+    calibrated, source = llm.resolve(f"fastkv(retain_rate={r})")
     # Method objects, so that no profile applies: fastkv here is the paper's
     specs = ["fullkv", f"snapkv(retain_rate={r})", f"adakv(retain_rate={r})", f"pyramidkv(retain_rate={r})"]
-    methods = [make_method(s) for s in [*specs, f"gemfilter(retain_rate={r})", f"fastkv(retain_rate={r})"]]
-    methods.append(calibrated if source != "paper" else make_method(f"fastkv(retain_rate={r}, kernel_size=13)"))
-    options = {"max_new_tokens": sample.max_new_tokens}
+    methods = [parse(s) for s in [*specs, f"gemfilter(retain_rate={r})", f"fastkv(retain_rate={r})"]]
+    methods.append(calibrated if source != "paper" else parse(f"fastkv(retain_rate={r}, kernel_size=13)"))
+    options = {"max_tokens": sample.max_new_tokens}
     print(f"# {args.model} {args.dtype}, {torch.get_num_threads()} threads, RULER {args.task}, {len(ids)} tokens")
     print(f"# calibrated fastkv: {source or 'none'}")
 
-    llm.generate(ids[:256], "fullkv", max_new_tokens=2)  # warm-up
+    llm.generate(ids[:256], "fullkv", max_tokens=2)  # warm-up
     full, full_s = timed(lambda: llm.generate(ids, "fullkv", **options))
     many, many_s = timed(lambda: llm.generate_many(ids, methods, **options))
     alone = [timed(lambda m=m: llm.generate(ids, m, **options)) for m in methods]

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from fastkv import LLM
-from fastkv.generate import encode_prompt
+from fastkv.chat import encode_prompt
 from fastkv.models import cache_root, write_gguf
 from fastkv.needle import passkey_prompt
 
@@ -75,8 +75,8 @@ def run_llamacpp(python: Path, gguf: Path, ids: list[int], warmup: list[int], ar
 
 
 def run_fastkv(llm: LLM, ids: list[int], warmup: list[int], method: str, args) -> dict:
-    options = {"max_new_tokens": args.new_tokens, "ignore_eos": True, "compile": args.compile}
-    llm.generate(warmup, method, **{**options, "max_new_tokens": 4})
+    options = {"max_tokens": args.new_tokens, "ignore_eos": True, "compile": args.compile}
+    llm.generate(warmup, method, **{**options, "max_tokens": 4})
     start = time.perf_counter()
     result = llm.generate(ids, method, **options)
     total = time.perf_counter() - start

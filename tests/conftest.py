@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from transformers import (
+# Check the values of every selection the parts return, on any device (`fastkv.engine.DEBUG`).
+os.environ.setdefault("FASTKV_DEBUG", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -59,9 +62,9 @@ def prompt_ids(length: int, seed: int = 1, vocab: int = 128) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Qwen2 model with qwen2.5-0.5b's tokenizer, saved like any local model."""
-    from fastkv.models import REGISTRY, load_tokenizer, part_paths
+    from fastkv.models import MODELS, load_tokenizer, part_paths
 
-    if not part_paths(REGISTRY["qwen2.5-0.5b"]):
+    if not part_paths(MODELS["qwen2.5-0.5b"]):
         if os.environ.get("FASTKV_REQUIRE_MODELS") == "1":
             raise RuntimeError("qwen2.5-0.5b is not installed (its tokenizer is needed)")
         pytest.skip("qwen2.5-0.5b is not installed (its tokenizer is needed)")

@@ -14,7 +14,7 @@ import torch
 
 from fastkv import adapter_for, decode_step, prefill
 from fastkv.methods import Composed
-from fastkv.methods.base import REGISTRY, build, is_sub
+from fastkv.methods.base import PARTS, build, is_sub
 
 from .conftest import build_tiny, prompt_ids
 from .reference import assert_same_as_fullkv, hf_decode_logits
@@ -56,9 +56,9 @@ def variants(kind: str) -> list[tuple[str, dict]]:
     """(label, choices) for every part of `kind` and every choice of its sub-parts (a TopK's scorer and
     allocator)."""
     out = []
-    for name, cls in REGISTRY[kind].items():
+    for name, cls in PARTS[kind].items():
         subs = [f for f in fields(cls) if is_sub(f)]
-        for picked in itertools.product(*(REGISTRY[f.metadata["kind"]] for f in subs)):
+        for picked in itertools.product(*(PARTS[f.metadata["kind"]] for f in subs)):
             choices = {f.name: p for f, p in zip(subs, picked, strict=True)}
             out.append(("-".join([name, *picked]), {"cls": cls, **choices}))
     return out

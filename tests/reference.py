@@ -163,7 +163,8 @@ def assert_same_as_fullkv(parts, ids: torch.Tensor, method, steps: int) -> None:
     n = ids.shape[1]
     ref_cache, ref, _ = prefill(parts, ids, FullKV(), max_new_tokens=steps)
     cache, logits, trace = prefill(parts, ids, method, max_new_tokens=steps)
-    assert trace.tokens_per_layer == [n] * parts.num_layers and not trace.propagated and not trace.earlier
+    assert trace.tokens_per_layer == [n] * parts.num_layers and not trace.propagated
+    assert getattr(trace, "filter", None) is None  # no filter ran
     assert cache.lengths == [n] * parts.num_layers
     for step in range(steps):
         assert torch.equal(logits, ref)

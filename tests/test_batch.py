@@ -8,16 +8,18 @@ import pytest
 import torch
 
 from fastkv import adapter_for, decode_step, generate, prefill
-from fastkv.batch import DecodeBatch, generate_batch, keep_rows, merge
-from fastkv.generate import Prefilled
-from fastkv.methods import make_method
+from fastkv.batch import DecodeBatch, Prefilled
+from fastkv.cache import keep_rows, merge
+from fastkv.generate import generate_batch
+from fastkv.methods import parse
+from fastkv.sampling import SamplingParams
 
 from .conftest import build_tiny, prompt_ids
 from .fixtures.record_presets import CONFIGS
 from .test_generate import CharTokenizer
 
 LENGTHS = (70, 130, 96)  # ragged, and not sorted
-METHODS = [make_method(name, **knobs) for name, knobs in CONFIGS.items()]
+METHODS = [parse(name, knobs=knobs) for name, knobs in CONFIGS.items()]
 
 
 def prompts() -> list[list[int]]:
@@ -43,9 +45,9 @@ def test_batched_decode_logits_follow_solo_runs(family, method):
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
 def test_generate_batch_returns_each_solo_answer(method):
     model = build_tiny("qwen3")
-    batch = generate_batch(model, CharTokenizer(), prompts(), method, max_new_tokens=8)
+    batch = generate_batch(model, CharTokenizer(), prompts(), method, max_tokens=8)
     for prompt, result in zip(prompts(), batch, strict=True):
-        alone = generate(model, CharTokenizer(), prompt, method, max_new_tokens=8)
+        alone = generate(model, CharTokenizer(), prompt, method, max_tokens=8)
         assert result.token_ids == alone.token_ids and result.text == alone.text
         assert result.finish_reason == alone.finish_reason == "length"
         assert result.stats.prompt_tokens == len(prompt) and result.stats.kv_bytes == alone.stats.kv_bytes
@@ -54,22 +56,22 @@ def test_generate_batch_returns_each_solo_answer(method):
 
 def test_rows_end_on_their_own_and_others_go_on():
     model = build_tiny("llama")
-    method = make_method("snapkv(budget=24)")
-    free = [generate(model, CharTokenizer(), p, method, max_new_tokens=12).token_ids for p in prompts()]
+    method = parse("snapkv(budget=24)")
+    free = [generate(model, CharTokenizer(), p, method, max_tokens=12).token_ids for p in prompts()]
     eos = free[1][3]  # the second sequence meets it early; the others may too, later or never
     tokenizer = CharTokenizer(eos=eos)
     ended = []
     batch = generate_batch(
-        model, tokenizer, prompts(), method, max_new_tokens=12, on_result=lambda i, r: ended.append(i)
+        model, tokenizer, prompts(), method, max_tokens=12, on_result=lambda i, r: ended.append(i)
     )
     assert batch[1].finish_reason == "eos" and len(batch[1].token_ids) <= 3
     assert ended[0] == 1 and sorted(ended) == [0, 1, 2]  # in the order they ended
     for prompt, result in zip(prompts(), batch, strict=True):
-        alone = generate(model, tokenizer, prompt, method, max_new_tokens=12)
+        alone = generate(model, tokenizer, prompt, method, max_tokens=12)
         assert (result.token_ids, result.finish_reason) == (alone.token_ids, alone.finish_reason)
     # stop strings and sampling with a seed, per row as alone
     stop = CharTokenizer().decode(free[0][4:6])
-    options = dict(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=5)
+    options = dict(max_tokens=12, temperature=0.8, top_p=0.9, seed=5)
     sampled = generate_batch(model, CharTokenizer(), prompts(), method, stop=[stop], **options)
     for prompt, result in zip(prompts(), sampled, strict=True):
         alone = generate(model, CharTokenizer(), prompt, method, stop=[stop], **options)
@@ -79,23 +81,23 @@ def test_rows_end_on_their_own_and_others_go_on():
 def test_a_sequence_joins_a_running_batch():
     model = build_tiny("qwen2")
     parts = adapter_for(model)
-    method = make_method("fastkv(tsp_layer=1, tsp_len=48, budget=24)").bind(parts.num_layers)
+    method = parse("fastkv(tsp_layer=1, tsp_len=48, budget=24)").bind(parts.num_layers)
     runner = DecodeBatch(model, CharTokenizer())
     results = {}
     for key, prompt in enumerate(prompts()):
         cache, logits, trace = prefill(parts, torch.tensor([prompt]), method, max_new_tokens=10)
-        assert runner.join(key, Prefilled(method, len(prompt), cache, logits, trace, 0.0), max_new_tokens=10) is None
+        assert runner.join(key, Prefilled(method, len(prompt), cache, logits, trace, 0.0), SamplingParams(10)) is None
         for _ in range(3):  # the earlier rows run ahead: the rows differ in steps taken
             results.update(runner.step())
     while runner.rows:
         results.update(runner.step())
     for key, prompt in enumerate(prompts()):
-        assert results[key].token_ids == generate(model, CharTokenizer(), prompt, method, max_new_tokens=10).token_ids
+        assert results[key].token_ids == generate(model, CharTokenizer(), prompt, method, max_tokens=10).token_ids
 
 
 def test_keep_rows_drops_rows_and_their_memory():
     parts = adapter_for(build_tiny("llama"))
-    method = make_method("snapkv(budget=24)")
+    method = parse("snapkv(budget=24)")
     solo = [prefill(parts, torch.tensor([p]), method, max_new_tokens=3) for p in prompts()]
     batch = keep_rows(merge([c for c, _, _ in solo]), [2, 0])
     assert batch.keys[0].shape[0] == 2 and batch.position_base.tolist() == [96, 70]

@@ -11,14 +11,15 @@ import torch
 
 from fastkv import LLM, adapter_for, prefill
 from fastkv.calibrate import search
-from fastkv.calibrate.profiles import find, user_path
 from fastkv.calibrate.prompts import NEEDLES, prompt_set
+from fastkv.chat import render_chat
 from fastkv.eval.ruler import NIAH
-from fastkv.models import REGISTRY, load_tokenizer, part_paths
+from fastkv.models import MODELS, load_tokenizer, part_paths
+from fastkv.profiles import find, user_path
 
 from .conftest import build_tiny
 
-if part_paths(REGISTRY["qwen2.5-0.5b"]) is None:
+if part_paths(MODELS["qwen2.5-0.5b"]) is None:
     if os.environ.get("FASTKV_REQUIRE_MODELS") == "1":
         raise RuntimeError("qwen2.5-0.5b is not installed")
     pytest.skip("qwen2.5-0.5b's tokenizer is not installed", allow_module_level=True)
@@ -43,7 +44,7 @@ def test_prompts_are_deterministic_fit_and_hold_their_answer(tokenizer):
     assert [p.text for p in prompts] == [p.text for p in again]
     assert [p.kind for p in prompts] == list(NEEDLES) * 2 and {p.haystack for p in prompts} == {"prose", "code", "logs"}
     for p in prompts:
-        rendered = search.render(tokenizer, p)
+        rendered = render_chat(tokenizer, p.text)
         n = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
         target = 2048 if n < 3000 else 4096
         assert 0.85 * target <= n <= target, (p.kind, p.haystack, n)
@@ -56,7 +57,7 @@ def test_prompts_are_deterministic_fit_and_hold_their_answer(tokenizer):
 def test_recall_matches_what_fastkv_propagates(llm, tokenizer):
     """Observe's recall of a setting = the share of answer tokens in FastKV's own propagated tokens."""
     p = prompt_set(tokenizer, (1024,), per_kind=1)[0]
-    text = search.render(tokenizer, p)
+    text = render_chat(tokenizer, p.text)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
     answer = search.answer_positions(tokenizer, text, p.answer)
     settings = [search.Setting(1, k, pool, w, 0.3) for k in (7, 13) for pool in ("max", "avg") for w in (8, 16)]
@@ -98,10 +99,10 @@ def test_calibration_picks_a_finalist_resumes_and_its_profile_applies(llm, tmp_p
     path.write_text(json.dumps(record))
     tuned = LLM(llm.model, llm.tokenizer, name=llm.name)
     assert find(llm.name).knobs == record["knobs"]
-    method, source = tuned.method("fastkv")
+    method, source = tuned.resolve("fastkv")
     assert method.reducer.tsp_layer == record["knobs"]["tsp_layer"] and source.startswith("profile tiny-calibration")
-    method, _ = tuned.method("fastkv(kernel_size=3)")
+    method, _ = tuned.resolve("fastkv(kernel_size=3)")
     assert method.reducer.kernel_size == 3  # the spec wins
-    result = tuned.generate(list(range(40)), "snapkv", max_new_tokens=2)
+    result = tuned.generate(list(range(40)), "snapkv", max_tokens=2)
     assert result.stats.defaults == ""
-    assert llm.method("fastkv")[1] == "paper"  # the first LLM was made before the profile existed
+    assert llm.resolve("fastkv")[1] == "paper"  # the first LLM was made before the profile existed

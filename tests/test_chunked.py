@@ -7,14 +7,14 @@ import torch
 from typer.testing import CliRunner
 
 from fastkv import FullKV, adapter_for, decode_step, prefill
-from fastkv.methods import make_method
+from fastkv.methods import format_spec, parse
 from fastkv.shared import prefill_many
 
 from .conftest import build_tiny, prompt_ids
 from .fixtures.record_presets import CONFIGS
 from .test_presets import equal
 
-METHODS = [make_method(name, **knobs) for name, knobs in CONFIGS.items()]
+METHODS = [parse(name, knobs=knobs) for name, knobs in CONFIGS.items()]
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -57,7 +57,7 @@ def test_shared_prefill_chunks_as_each_method_alone():
     together = prefill_many(parts, ids, METHODS, max_new_tokens=1, chunk_size=24)
     for method, (cache, logits, _) in zip(METHODS, together, strict=True):
         ref_cache, ref_logits, _ = prefill(parts, ids, method, max_new_tokens=1, chunk_size=24)
-        assert torch.equal(logits, ref_logits), method.spec
+        assert torch.equal(logits, ref_logits), format_spec(method)
         for k, ref_k, n in zip(cache.keys, ref_cache.keys, ref_cache.lengths, strict=True):
             assert torch.equal(k[:, :, :n], ref_k[:, :, :n])  # past n: room for decoding, not written
 

@@ -3,24 +3,48 @@ refused by name with exit code 2."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from typer.testing import CliRunner
 
 from fastkv.cli import app
-from fastkv.knobs import knob_types
+from fastkv.cli.knobs import knob_types
 from fastkv.methods import PRESETS
 
 runner = CliRunner()
 
 
-def test_methods_lists_presets_parts_and_knobs():
-    result = runner.invoke(app, ["methods"], env={"COLUMNS": "250"})
+def knob_values(output: str, preset: str) -> dict[str, str]:
+    """knob -> shown value in a preset's block of `fastkv methods`."""
+    block = output.split(f"\n{preset}: ", 1)[1].split("\n\n", 1)[0]
+    found = {}
+    for line in block.splitlines():
+        if line.startswith("    ") and " = " in line and not line.startswith("     "):
+            name, rest = line.strip().split(" = ", 1)
+            found[name.strip()] = rest.split("  ")[0].strip()
+    return found
+
+
+@pytest.mark.parametrize("columns", ["80", "250"])
+def test_methods_lists_presets_parts_and_knobs(columns):
+    result = runner.invoke(app, ["methods"], env={"COLUMNS": columns})
     assert result.exit_code == 0
     for name, cls in PRESETS.items():
-        assert name in result.output and cls.prototype.reduces in result.output
-    assert "tsp_layer=layers//2-1" in result.output and "min_budget=256" in result.output
+        assert f"\n{name}: reduces {cls.prototype.reduces}" in "\n" + result.output
+        assert set(knob_values(result.output, name)) == {f.name for f in dataclasses.fields(cls)}
     for part in ("tsp", "filter", "schedule", "sinkrecent", "topk", "accumulated", "adaptive", "pyramid"):
-        assert part in result.output
+        assert f" {part}:" in result.output
+    # every knob with the value it takes when it is not set
+    fastkv = knob_values(result.output, "fastkv")
+    assert fastkv["tsp_rate"] == "0.2" and fastkv["retain_rate"] == "0.1" and fastkv["min_budget"] == "256"
+    assert fastkv["tsp_layer"] == "auto (layers//2-1)" and fastkv["budget"] == "-"
+    assert knob_values(result.output, "gemfilter")["retain_rate"] == "0.1"
+    # nothing is cut in the middle of a word, and at 80 columns no line is wider
+    assert max(len(line) for line in result.output.splitlines()) <= int(columns)
+    words = {w for line in result.output.splitlines() for w in line.split()}
+    for knob in knob_types():
+        assert knob in words or f"{knob}:" in words
 
 
 def test_every_knob_is_an_option_of_generate():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastkv import FullKV, SnapKV, adapter_for, decode_step, prefill
-from fastkv.methods import make_method
+from fastkv.methods import parse
 
 from .conftest import build_tiny, prompt_ids
 
@@ -50,7 +50,7 @@ def test_a_batch_decodes_each_sequence_as_alone():
 
 def test_compiled_decode_equals_eager():
     parts = adapter_for(build_tiny("qwen2"))
-    method = make_method("adakv(budget=24)")  # padded heads: the mask matters
+    method = parse("adakv(budget=24)")  # padded heads: the mask matters
     for n in (96, 130):  # another capacity: the same compiled graph (dynamic shapes)
         eager, logits, _ = prefill(parts, prompt_ids(n), method, max_new_tokens=3)
         compiled, _, _ = prefill(parts, prompt_ids(n), method, max_new_tokens=3)
@@ -70,7 +70,7 @@ def test_policies_bound_their_cache_before_prefill(name):
     from .fixtures.record_presets import CONFIGS
 
     parts = adapter_for(build_tiny("qwen2"))
-    method = make_method(name, **CONFIGS[name]).bind(parts.num_layers)
+    method = parse(name, knobs=CONFIGS[name]).bind(parts.num_layers)
     for n in (20, 96, 200):
         cache, _, _ = prefill(parts, prompt_ids(n, seed=n), method)
         for i, kept in enumerate(cache.kept_per_layer):

@@ -8,12 +8,12 @@ import pytest
 from typer.testing import CliRunner
 
 from fastkv.eval.pareto import pareto, points
-from fastkv.methods import make_with_shared
+from fastkv.methods import format_spec, parse
 from fastkv.methods.spec import short_spec
 
 
 def spec(text: str, rate: float) -> str:
-    return make_with_shared(text, retain_rate=rate).bind(24).spec
+    return format_spec(parse(text, defaults={"retain_rate": rate}).bind(24))
 
 
 def entry(score: float, prefill_s: float | None, kv_bytes: float | None) -> dict:

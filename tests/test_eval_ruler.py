@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 
 from fastkv.eval import niah, ruler
 from fastkv.eval.data import DataNotInstalledError, essay_words, sentences
-from fastkv.methods import make_method, make_with_shared
-from fastkv.models import REGISTRY, load_tokenizer, part_paths
+from fastkv.methods import format_spec, parse
+from fastkv.models import MODELS, load_tokenizer, part_paths
 
 try:
     essay_words()
-    missing = None if part_paths(REGISTRY["qwen2.5-0.5b"]) else "qwen2.5-0.5b is not installed"
+    missing = None if part_paths(MODELS["qwen2.5-0.5b"]) else "qwen2.5-0.5b is not installed"
 except DataNotInstalledError as e:
     missing = str(e)
 if missing:
@@ -120,7 +120,10 @@ def test_end_to_end_ruler_eval_resumes(tiny_dir, tmp_path):
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 3  # tasks x samples x methods
     # results are labelled by canonical spec, every knob resolved for the 4-layer model
-    specs = [make_with_shared(m, retain_rate=0.1).bind(4).spec for m in ("fullkv", "snapkv", "fastkv(kernel_size=13)")]
+    specs = [
+        format_spec(parse(m, defaults={"retain_rate": 0.1}).bind(4))
+        for m in ("fullkv", "snapkv", "fastkv(kernel_size=13)")
+    ]
     assert specs[2].startswith("fastkv(window_size=8, kernel_size=13, pooling='max', tsp_layer=1, tsp_rate=0.2")
     assert {r["method"] for r in rows} == set(specs)
     for r in rows:
@@ -179,7 +182,7 @@ def test_end_to_end_ruler_eval_resumes(tiny_dir, tmp_path):
 
 
 def test_summaries_take_prefill_times_from_unshared_rows_else_timings():
-    from fastkv.eval.runner import summarize
+    from fastkv.eval.report import summarize
 
     def row(method, index, shared_by, seconds):
         return {
@@ -243,7 +246,7 @@ def test_end_to_end_niah_writes_heatmaps(tiny_dir, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2 * 2 * 2
-    fastkv = make_method("fastkv", retain_rate=0.1).bind(4).spec
+    fastkv = format_spec(parse("fastkv", knobs={"retain_rate": 0.1}).bind(4))
     for name in (
         "niah_fullkv.png",
         f"niah_fastkv-{hashlib.sha1(fastkv.encode()).hexdigest()[:8]}.png",

@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from fastkv.cli import app
-from fastkv.methods import make_method
-from fastkv.methods.base import REGISTRY, Allocator, Scorer, check_rate, knob
+from fastkv.methods import format_spec, parse
+from fastkv.methods.base import PARTS, Allocator, Scorer, check_rate, knob
 
 from .matrix import COMPRESSING, check_invariants, combinations, compose
 
@@ -48,28 +48,29 @@ class EvenOdd(Allocator):
 
 @pytest.fixture
 def registered(monkeypatch):
-    monkeypatch.setitem(REGISTRY["scorer"], KeyNorm.name, KeyNorm)  # the one registry line, for a test
-    monkeypatch.setitem(REGISTRY["allocator"], EvenOdd.name, EvenOdd)
+    monkeypatch.setitem(PARTS["scorer"], KeyNorm.name, KeyNorm)  # the one registry line, for a test
+    monkeypatch.setitem(PARTS["allocator"], EvenOdd.name, EvenOdd)
 
 
 def test_the_matrix_picks_up_new_parts(registered):
     new = [c for c in combinations() if "keynorm" in c[0] or "evenodd" in c[0]]
     # every reducer x (keynorm with each allocator, and each scorer with evenodd)
-    assert len(new) == len(REGISTRY["reducer"]) * (len(REGISTRY["allocator"]) + len(REGISTRY["scorer"]) - 1)
+    assert len(new) == len(PARTS["reducer"]) * (len(PARTS["allocator"]) + len(PARTS["scorer"]) - 1)
     for _, reducer, policy in new:
         check_invariants(compose(reducer, policy, COMPRESSING), "qwen2")
 
 
 def test_new_parts_in_spec_strings(registered):
-    method = make_method("fastkv(tsp_layer=1)+topk(scorer=keynorm, allocator=evenodd, skew=0.25, budget=24)")
+    method = parse("fastkv(tsp_layer=1)+topk(scorer=keynorm, allocator=evenodd, skew=0.25, budget=24)")
     assert method.policy.allocator.skew == 0.25 and type(method.policy.scorer) is KeyNorm
-    again = make_method(method.bind(4).spec)
+    again = parse(format_spec(method.bind(4)))
     assert again.same_parts(method.bind(4))
     with pytest.raises(ValueError, match=r"skew must be in \(0, 1\]"):
-        make_method("topk(allocator=evenodd, skew=2)")
+        parse("topk(allocator=evenodd, skew=2)")
 
 
 def test_new_parts_are_listed(registered):
     result = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "250"})
     assert result.exit_code == 0
-    assert "keynorm" in result.output and "evenodd" in result.output and "skew=0.5" in result.output
+    assert "scorer keynorm:" in result.output and "allocator evenodd:" in result.output
+    assert any(line.split()[:3] == ["skew", "=", "0.5"] for line in result.output.splitlines() if line.strip())

@@ -36,7 +36,7 @@ def model():
 
 
 def test_greedy_matches_transformers_generate(model):
-    result = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=20)
+    result = generate(model, CharTokenizer(), PROMPT, FullKV(), max_tokens=20)
     with torch.no_grad():
         ref = model.generate(
             torch.tensor([PROMPT]),
@@ -53,39 +53,39 @@ def test_greedy_matches_transformers_generate(model):
 
 def test_streamed_pieces_make_the_text(model):
     pieces = []
-    result = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=12, on_text=pieces.append)
+    result = generate(model, CharTokenizer(), PROMPT, FullKV(), max_tokens=12, on_text=pieces.append)
     assert len(pieces) > 1 and "".join(pieces) == result.text
 
 
 def test_stop_string_cuts_the_text(model):
-    full = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=20).text
+    full = generate(model, CharTokenizer(), PROMPT, FullKV(), max_tokens=20).text
     stop = full[6:9]
     cut = full[: full.find(stop)]
-    pieces = list(stream(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=20, stop=[stop]))
-    result = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=20, stop=[stop])
+    pieces = list(stream(model, CharTokenizer(), PROMPT, FullKV(), max_tokens=20, stop=[stop]))
+    result = generate(model, CharTokenizer(), PROMPT, FullKV(), max_tokens=20, stop=[stop])
     assert result.finish_reason == "stop" and result.text == cut
     assert "".join(pieces) == cut  # nothing of the stop string leaked into the stream
 
 
 def test_eos_ends_generation(model):
-    tokens = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=20).token_ids
+    tokens = generate(model, CharTokenizer(), PROMPT, FullKV(), max_tokens=20).token_ids
     eos = tokens[5]
-    result = generate(model, CharTokenizer(eos=eos), PROMPT, FullKV(), max_new_tokens=20)
+    result = generate(model, CharTokenizer(eos=eos), PROMPT, FullKV(), max_tokens=20)
     assert result.finish_reason == "eos"
     assert result.token_ids == tokens[: tokens.index(eos)]
-    past = generate(model, CharTokenizer(eos=eos), PROMPT, FullKV(), max_new_tokens=20, ignore_eos=True)
+    past = generate(model, CharTokenizer(eos=eos), PROMPT, FullKV(), max_tokens=20, ignore_eos=True)
     assert past.finish_reason == "length" and past.token_ids == tokens  # EOS kept as a token, not an end
 
 
 def test_sampling_is_seeded(model):
     def run(seed, **kw):
         return generate(
-            model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=16, temperature=1.0, seed=seed, **kw
+            model, CharTokenizer(), PROMPT, FullKV(), max_tokens=16, temperature=1.0, seed=seed, **kw
         ).token_ids
 
     assert run(1) == run(1)
     assert run(1) != run(2)
-    greedy = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=16).token_ids
+    greedy = generate(model, CharTokenizer(), PROMPT, FullKV(), max_tokens=16).token_ids
     assert run(3, top_p=1e-6) == greedy  # a nucleus of one token is greedy
 
 
@@ -95,7 +95,7 @@ def test_stats_report_the_compression(model):
         CharTokenizer(),
         prompt_ids(200)[0].tolist(),
         FastKV(tsp_layer=1, tsp_len=100, budget=40),
-        max_new_tokens=4,
+        max_tokens=4,
     )
     s = result.stats
     assert s.prompt_tokens == 200 and s.new_tokens == 4
@@ -107,32 +107,32 @@ def test_stats_report_the_compression(model):
 
 
 def test_eos_as_the_first_token(model):
-    first = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=4).token_ids[0]
+    first = generate(model, CharTokenizer(), PROMPT, FullKV(), max_tokens=4).token_ids[0]
     pieces = []
-    result = generate(model, CharTokenizer(eos=first), PROMPT, FullKV(), max_new_tokens=4, on_text=pieces.append)
+    result = generate(model, CharTokenizer(eos=first), PROMPT, FullKV(), max_tokens=4, on_text=pieces.append)
     assert result.finish_reason == "eos" and result.text == "" and result.token_ids == [] and pieces == []
     s = result.stats
     assert s.new_tokens == 0 and s.decode_steps == 0 and math.isnan(s.decode_tokens_per_s)
 
 
 def test_decode_rate_counts_the_step_that_produced_eos(model):
-    tokens = generate(model, CharTokenizer(), PROMPT, FullKV(), max_new_tokens=8).token_ids
-    result = generate(model, CharTokenizer(eos=tokens[3]), PROMPT, FullKV(), max_new_tokens=8)
+    tokens = generate(model, CharTokenizer(), PROMPT, FullKV(), max_tokens=8).token_ids
+    result = generate(model, CharTokenizer(eos=tokens[3]), PROMPT, FullKV(), max_tokens=8)
     # tokens 1..3 and the EOS came from decode steps; token 0 from prefill
     assert result.stats.new_tokens == 3 and result.stats.decode_steps == 3
     assert result.stats.decode_tokens_per_s == 3 / result.stats.decode_seconds
 
 
 def test_spec_strings_generate_like_their_methods(model):
-    by_spec = generate(model, CharTokenizer(), PROMPT, "snapkv(budget=24)", max_new_tokens=6)
-    by_object = generate(model, CharTokenizer(), PROMPT, SnapKV(budget=24), max_new_tokens=6)
+    by_spec = generate(model, CharTokenizer(), PROMPT, "snapkv(budget=24)", max_tokens=6)
+    by_object = generate(model, CharTokenizer(), PROMPT, SnapKV(budget=24), max_tokens=6)
     assert by_spec.token_ids == by_object.token_ids and by_spec.method == by_object.method
 
 
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
         ({"temperature": -1.0}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"chat": True}, "chat template"),

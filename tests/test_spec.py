@@ -18,9 +18,10 @@ from fastkv.methods import (
     Reducer,
     Selection,
     SnapKV,
-    make_method,
-    make_methods,
-    make_with_shared,
+    format_spec,
+    parse,
+    spec_name,
+    split_specs,
 )
 from fastkv.methods.base import CachePolicy
 
@@ -42,33 +43,33 @@ COMBOS = [
 
 @pytest.mark.parametrize("spec", [*PRESETS, *COMBOS])
 def test_canonical_spec_round_trips(spec):
-    method = make_method(spec).bind(24)
-    again = make_method(method.spec)
-    assert again.same_parts(method) and again.spec == method.spec
-    assert "None" not in method.spec  # unset knobs are left out; after bind none is unset
+    method = parse(spec).bind(24)
+    again = parse(format_spec(method))
+    assert again.same_parts(method) and format_spec(again) == format_spec(method)
+    assert "None" not in format_spec(method)  # unset knobs are left out; after bind none is unset
 
 
 def test_presets_print_flat_and_combinations_print_their_sides():
     assert (
-        make_method("snapkv(budget=512)").spec
+        format_spec(parse("snapkv(budget=512)"))
         == "snapkv(budget=512, min_budget=256, window_size=8, kernel_size=7, pooling='max')"
     )
-    combo = make_method("fastkv(kernel_size=13)+adakv(alpha=0.5)").bind(24).spec
+    combo = format_spec(parse("fastkv(kernel_size=13)+adakv(alpha=0.5)").bind(24))
     assert combo.startswith("fastkv(window_size=8, kernel_size=13, pooling='max', tsp_layer=11, tsp_rate=0.2")
     assert combo.split("+")[1].startswith("adakv(retain_rate=0.1, min_budget=256, window_size=8, kernel_size=7")
     assert "alpha=0.5" in combo
     # a FastKV whose TSP and cache windows agree is the preset again
-    assert make_method("fastkv+snapkv").spec == FastKV().spec
+    assert format_spec(parse("fastkv+snapkv")) == format_spec(FastKV())
     # TSP and the cache with different kernels cannot be one preset: written as two sides
-    assert "+snapkv(" in make_method("tsp(kernel_size=13)+snapkv").spec
+    assert "+snapkv(" in format_spec(parse("tsp(kernel_size=13)+snapkv"))
 
 
 def test_combination_takes_the_reducer_from_the_left_and_the_policy_from_the_right():
-    method = make_method("fastkv(tsp_len=300)+adakv(budget=100, alpha=0.5)")
+    method = parse("fastkv(tsp_len=300)+adakv(budget=100, alpha=0.5)")
     assert method.reducer == FastKV(tsp_len=300).reducer
     assert method.policy == AdaKV(budget=100, alpha=0.5).policy
     assert (FastKV(tsp_len=300) + AdaKV(budget=100, alpha=0.5)).same_parts(method)
-    assert method.name == "fastkv+adakv" and method.reduces == "prefill + KV cache"
+    assert spec_name(method) == "fastkv+adakv" and method.reduces == "prefill + KV cache"
 
 
 @pytest.mark.parametrize(
@@ -97,28 +98,29 @@ def test_combination_takes_the_reducer_from_the_left_and_the_policy_from_the_rig
 )
 def test_bad_specs_name_the_problem(spec, message):
     with pytest.raises(ValueError, match=None) as e:
-        make_method(spec)
+        parse(spec)
     assert message in str(e.value)
 
 
 def test_lists_and_shared_settings():
-    methods = make_methods(
-        "fullkv, fastkv(kernel_size=13, tsp_rate=0.3), snapkv(budget=64), h2o", retain_rate=0.2, tsp_rate=0.25
-    )
+    methods = [
+        parse(s, defaults={"retain_rate": 0.2, "tsp_rate": 0.25})
+        for s in split_specs("fullkv, fastkv(kernel_size=13, tsp_rate=0.3), snapkv(budget=64), h2o")
+    ]
     assert [m.name for m in methods] == ["fullkv", "fastkv", "snapkv", "h2o"]
     assert methods[1].reducer.tsp_rate == 0.3 and methods[1].policy.retain_rate == 0.2  # the spec wins
     assert methods[2].policy.budget == 64 and methods[2].policy.retain_rate is None  # a count excludes a rate
     assert methods[3].policy.retain_rate == 0.2
-    assert [m.name for m in make_methods("all")] == list(PRESETS)
+    assert [m.name for m in [parse(s) for s in split_specs("all")]] == list(PRESETS)
     # a shared setting goes to the side that has it
-    combo = make_with_shared("fastkv+adakv", retain_rate=0.3, tsp_rate=0.4)
+    combo = parse("fastkv+adakv", defaults={"retain_rate": 0.3, "tsp_rate": 0.4})
     assert combo.reducer.tsp_rate == 0.4 and combo.policy.retain_rate == 0.3
     # options of a command: to the side(s) that have them, and never twice
-    combo = make_method("fastkv+adakv", tsp_len=300, alpha=0.5, window_size=16)
+    combo = parse("fastkv+adakv", knobs={"tsp_len": 300, "alpha": 0.5, "window_size": 16})
     assert combo.reducer.tsp_len == 300 and combo.policy.allocator.alpha == 0.5
     assert combo.reducer.window_size == combo.policy.scorer.window_size == 16
     with pytest.raises(ValueError, match="has no knob 'sink'"):
-        make_method("fastkv+adakv", sink=3)
+        parse("fastkv+adakv", knobs={"sink": 3})
 
 
 def test_configs_are_frozen_and_validation_writes_nothing():

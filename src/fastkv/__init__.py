@@ -2,11 +2,11 @@
 
 from .adapters import Adapter, adapter_for
 from .cache import KVCache
-from .engine import PrefillTrace, decode_step, prefill
-from .generate import LLM, GenerationResult, GenerationStats, generate, generate_many, stream
+from .engine import ContextLengthError, decode_step, prefill
+from .generate import generate, generate_batch, generate_many, stream
+from .llm import LLM
 from .methods import (
     H2O,
-    METHODS,
     PRESETS,
     AdaKV,
     Composed,
@@ -18,43 +18,48 @@ from .methods import (
     PyramidKV,
     SnapKV,
     StreamingLLM,
-    make_method,
-    make_methods,
+    format_spec,
+    parse,
 )
-from .models import REGISTRY, ModelNotInstalledError, load
+from .methods.base import PrefillTrace
+from .models import MODELS, ModelNotInstalledError, load
 from .needle import passkey_prompt
+from .results import GenerationResult, GenerationStats
+from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
     "H2O",
-    "AdaKV",
-    "GemFilter",
-    "PyramidInfer",
-    "PyramidKV",
-    "StreamingLLM",
-    "METHODS",
+    "MODELS",
     "PRESETS",
+    "AdaKV",
     "Adapter",
     "Composed",
+    "ContextLengthError",
     "FastKV",
     "FullKV",
+    "GemFilter",
     "GenerationResult",
     "GenerationStats",
-    "LLM",
     "KVCache",
+    "LLM",
     "Method",
     "ModelNotInstalledError",
     "PrefillTrace",
-    "REGISTRY",
+    "PyramidInfer",
+    "PyramidKV",
+    "SamplingParams",
     "SnapKV",
+    "StreamingLLM",
     "adapter_for",
     "decode_step",
+    "format_spec",
     "generate",
+    "generate_batch",
     "generate_many",
     "load",
-    "make_method",
-    "make_methods",
+    "parse",
     "passkey_prompt",
     "prefill",
     "stream",

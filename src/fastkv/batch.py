@@ -1,101 +1,58 @@
-"""Ragged batches: prompts of different lengths, decoded together.
+"""The decode loop: sequences of any prompt length decoded together, one token each per step.
 
-Each prompt is prefilled alone, so it keeps its own positions, TSP and cache selections (prefill is
-compute-bound: on a CPU, batching it would save little). Its cache then joins the running batch:
-`merge` pads every layer to what its rows need, and each row keeps its own mask of real entries, its own
-write slot and its own position. One decode step feeds every row's token at once, so the weights are
-read once per step for the whole batch. A row that ends (EOS, a stop string, its token limit) leaves at
-once (`keep_rows`), and a new one may join between steps: the server feeds requests this way.
-
-Shapes: a batch cache's layer i holds keys, values [B, Hkv, capacity_i, d], attend [B, Hkv, capacity_i],
-slots [B]; `position_base` is then a tensor [B] of each row's next position.
+Each prompt is prefilled alone (`prefill_prompt`), so it keeps its own positions, TSP and cache selections
+(prefill is compute-bound: on a CPU, batching it would save little). Its cache then joins the running
+batch (`fastkv.cache.merge`), and one decode step feeds every row's token at once, so the weights are read
+once per step for the whole batch. A row that ends (EOS, a stop string, its token limit) leaves at once,
+and a new one may join between steps: the server feeds requests this way, and a single generation is a
+batch of one row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 
 import torch
 
-from .adapters import adapter_for
-from .cache import KVCache
-from .engine import decode_step
-from .generate import (
-    GenerationResult,
-    Prefilled,
-    Transcript,
-    _now,
-    _result,
-    check_sampling,
-    encode_prompt,
-    eos_ids,
-    prefill_prompt,
-    sample,
-)
-from .methods import FastKV, Method, make_method
+from .adapters import Adapter, adapter_for
+from .cache import KVCache, keep_rows, merge
+from .engine import decode_step, prefill
+from .methods import Method, format_spec
+from .methods.base import PrefillTrace
+from .results import GenerationResult, GenerationStats
+from .sampling import SamplingParams, Transcript, eos_ids, sample
 
 
-def _pad(t: torch.Tensor, length: int, value) -> torch.Tensor:
-    """t [B, H, n, ...] cut or padded with `value` to `length` along dim 2."""
-    if t.shape[2] >= length:
-        return t[:, :, :length]
-    pad = t.new_full((*t.shape[:2], length - t.shape[2], *t.shape[3:]), value)
-    return torch.cat([t, pad], dim=2)
+def clock(device: torch.device) -> float:
+    """Seconds, after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
-def merge(caches: Sequence[KVCache]) -> KVCache:
-    """One cache with the rows of all `caches`, each layer as long as its rows need (entries written so far
-    plus the room each has left); rows keep their masks, slots and next positions."""
-    if not caches:
-        raise ValueError("nothing to merge")
-    room = max(c.max_new_tokens - c.steps for c in caches)
-    out = KVCache(
-        prompt_len=max(c.prompt_len for c in caches),
-        max_new_tokens=room,
-        position_base=torch.cat([_next_positions(c) for c in caches]),
-    )
-    for i in range(len(caches[0].keys)):
-        # the furthest slot any row writes to: its next one plus the steps it may still take
-        capacity = max(int(c.slots[i].max()) + c.max_new_tokens - c.steps for c in caches)
-        kept = max(c.positions[i].shape[-1] for c in caches)
-        out.keys.append(torch.cat([_pad(c.keys[i], capacity, 0) for c in caches]))
-        out.values.append(torch.cat([_pad(c.values[i], capacity, 0) for c in caches]))
-        out.attend.append(torch.cat([_pad(c.attend[i], capacity, False) for c in caches]))
-        out.slots.append(torch.cat([c.slots[i] for c in caches]))
-        out.positions.append(torch.cat([_pad(c.positions[i], kept, -1) for c in caches]))
-        valid = [
-            c.valid[i] if c.valid[i] is not None else torch.ones_like(c.positions[i], dtype=torch.bool) for c in caches
-        ]
-        valid = torch.cat([_pad(v, kept, False) for v in valid])
-        out.valid.append(None if bool(valid.all()) else valid)
-    return out
+@dataclass
+class Prefilled:
+    """What decoding starts from."""
+
+    method: Method  # bound
+    prompt_tokens: int
+    cache: KVCache | None  # None once it has joined a batch (the batch's cache holds it)
+    logits: torch.Tensor
+    trace: PrefillTrace
+    seconds: float
+    shared_by: int = 1
 
 
-def _next_positions(c: KVCache) -> torch.Tensor:
-    base = torch.as_tensor(c.position_base, device=c.slots[0].device)
-    return (base + c.steps).expand(c.keys[0].shape[0]).clone()
-
-
-def keep_rows(cache: KVCache, rows: Sequence[int]) -> KVCache:
-    """The cache of the given rows only, in that order (the others' memory is released)."""
-    idx = torch.tensor(list(rows), dtype=torch.long, device=cache.slots[0].device)
-
-    def take(ts: list) -> list:
-        return [t.index_select(0, idx) if t is not None else None for t in ts]
-
-    return replace(
-        cache,
-        position_base=_next_positions(cache).index_select(0, idx),
-        steps=0,
-        max_new_tokens=cache.max_new_tokens - cache.steps,
-        keys=take(cache.keys),
-        values=take(cache.values),
-        attend=take(cache.attend),
-        slots=take(cache.slots),
-        positions=take(cache.positions),
-        valid=take(cache.valid),
-    )
+def prefill_prompt(
+    adapter: Adapter, ids: list[int], method: Method, max_new_tokens: int, chunk_size: int | None = None, on_layer=None
+) -> Prefilled:
+    """Prefill one prompt's token ids under a bound method, timed: what decoding starts from."""
+    start = clock(adapter.device)
+    input_ids = torch.tensor([list(ids)], device=adapter.device)
+    cache, logits, trace = prefill(adapter, input_ids, method, max_new_tokens, on_layer=on_layer, chunk_size=chunk_size)
+    return Prefilled(method, len(ids), cache, logits, trace, clock(adapter.device) - start)
 
 
 @dataclass
@@ -104,14 +61,36 @@ class Row:
 
     key: object  # the caller's name for it
     prefilled: Prefilled  # without its cache, which lives in the batch's
+    params: SamplingParams
     transcript: Transcript
-    limit: int  # max_new_tokens
-    temperature: float
-    top_p: float
     generator: torch.Generator | None
     kv: tuple[int, int, list[int]]  # bytes after prefill, a full cache's bytes, entries per layer
     started: float | None = None  # when its first decode step began
     steps: int = 0  # decode steps it took part in
+
+    def result(self, decode_seconds: float) -> GenerationResult:
+        p, t = self.prefilled, self.transcript
+        spec = format_spec(p.method)
+        return GenerationResult(
+            text=t.text,
+            token_ids=t.out,
+            finish_reason=t.finish,
+            method=spec,
+            first_logits=p.logits[0],
+            stats=GenerationStats(
+                method=spec,
+                prompt_tokens=p.prompt_tokens,
+                new_tokens=len(t.out),
+                prefill_seconds=p.seconds,
+                decode_seconds=decode_seconds,
+                decode_steps=self.steps,
+                kv_entries_per_layer=self.kv[2],
+                tokens_per_layer=p.trace.tokens_per_layer,
+                kv_bytes=self.kv[0],
+                kv_bytes_full=self.kv[1],
+                prefill_shared_by=p.shared_by,
+            ),
+        )
 
 
 class DecodeBatch:
@@ -120,42 +99,28 @@ class DecodeBatch:
     def __init__(self, model, tokenizer, compile: bool = False, on_text: Callable[[object, str], None] | None = None):
         """on_text(key, piece) receives each row's text as it becomes final (for streaming)."""
         self.model, self.tokenizer, self.compile, self.on_text = model, tokenizer, compile, on_text
-        self.parts = adapter_for(model)
+        self.adapter = adapter_for(model)
         self.eos = eos_ids(model, tokenizer)
         self.rows: list[Row] = []
         self.cache: KVCache | None = None
 
-    def join(
-        self,
-        key,
-        prefilled: Prefilled,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
-    ) -> GenerationResult | None:
-        """Add a prefilled sequence; its result at once if its first token already ends it.
-        ignore_eos: go on past EOS to max_new_tokens (load tests want fixed lengths)."""
-        check_sampling(max_new_tokens, temperature, top_p)
+    def join(self, key, prefilled: Prefilled, params: SamplingParams) -> GenerationResult | None:
+        """Add a prefilled sequence; its result at once if its first token already ends it."""
         cache = prefilled.cache
         if cache.keys[0].shape[0] != 1:
             raise ValueError(f"a sequence joins alone: its cache holds {cache.keys[0].shape[0]} rows")
-        if cache.max_new_tokens - cache.steps < max_new_tokens - 1:
-            raise ValueError(f"the cache has room for {cache.max_new_tokens} new tokens, not {max_new_tokens}")
-        generator = torch.Generator(device=self.parts.device).manual_seed(seed) if seed is not None else None
+        if cache.room < params.max_tokens - 1:
+            raise ValueError(f"the cache has room for {cache.max_new_tokens} new tokens, not {params.max_tokens}")
         row = Row(
             key,
             replace(prefilled, cache=None),
-            Transcript(self.tokenizer, set() if ignore_eos else self.eos, stop),
-            max_new_tokens,
-            temperature,
-            top_p,
-            generator,
+            params,
+            Transcript(self.tokenizer, set() if params.ignore_eos else self.eos, params.stop),
+            params.generator(self.adapter.device),
             (cache.nbytes(), cache.full_nbytes(), cache.kept_per_layer),
         )
-        if not row.transcript.add(sample(prefilled.logits[0], temperature, top_p, generator)) or max_new_tokens == 1:
+        first = sample(prefilled.logits[0], params, row.generator)
+        if not row.transcript.add(first) or params.max_tokens == 1:
             return self._finish(row)
         self._emit(row)
         self.cache = cache if self.cache is None else merge([self.cache, cache])
@@ -166,16 +131,17 @@ class DecodeBatch:
         """One decode step for every row; returns (key, result) of the rows that ended, which leave."""
         if not self.rows:
             return []
-        now = _now(self.parts.device)
+        now = clock(self.adapter.device)
         for row in self.rows:
             row.started = now if row.started is None else row.started
-        tokens = torch.tensor([r.transcript.out[-1] for r in self.rows], device=self.parts.device)
-        logits = decode_step(self.parts, self.cache, tokens, self.cache.position_base + self.cache.steps, self.compile)
+        tokens = torch.tensor([r.transcript.out[-1] for r in self.rows], device=self.adapter.device)
+        position = self.cache.position_base + self.cache.steps
+        logits = decode_step(self.adapter, self.cache, tokens, position, self.compile)
         done, keep = [], []
         for b, row in enumerate(self.rows):
             row.steps += 1
-            going = row.transcript.add(sample(logits[b], row.temperature, row.top_p, row.generator))
-            if going and len(row.transcript.out) < row.limit:
+            going = row.transcript.add(sample(logits[b], row.params, row.generator))
+            if going and len(row.transcript.out) < row.params.max_tokens:
                 keep.append(b)
                 self._emit(row)
             else:
@@ -201,51 +167,22 @@ class DecodeBatch:
 
     def _finish(self, row: Row) -> GenerationResult:
         self._emit(row, final=True)
-        seconds = _now(self.parts.device) - row.started if row.started is not None else 0.0
-        return _result(row.prefilled, row.transcript, row.kv, seconds, row.steps)
+        seconds = clock(self.adapter.device) - row.started if row.started is not None else 0.0
+        return row.result(seconds)
 
 
-def generate_batch(
-    model,
-    tokenizer,
-    prompts: Sequence[str | Sequence[int]],
-    method: Method | str | None = None,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
-    chat: bool = False,
-    prefill_chunk: int | None = None,
-    compile: bool = False,
-    on_result: Callable[[int, GenerationResult], None] | None = None,
-    ignore_eos: bool = False,
-) -> list[GenerationResult]:
-    """One result per prompt, in order: each prompt prefilled alone, then all decoded as one ragged batch.
-
-    Each sequence's tokens are those `generate` gives it alone (greedy: the same; sampled with a seed: the
-    same draws, each row with its own generator). Its decode_seconds is the time it spent decoding in the
-    batch, which it shared with the other rows.
-    on_result(index, result) is called as each sequence ends.
-    """
-    check_sampling(max_new_tokens, temperature, top_p)
-    parts = adapter_for(model)
-    method = make_method(method if method is not None else FastKV()).bind(parts.num_layers)
-    encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
-    batch = DecodeBatch(model, tokenizer, compile)
-    results: list[GenerationResult | None] = [None] * len(prompts)
-
-    def finished(index: int, result: GenerationResult) -> None:
-        results[index] = result
-        if on_result is not None:
-            on_result(index, result)
-
-    for index, ids in enumerate(encoded):
-        prefilled = prefill_prompt(parts, ids, method, max_new_tokens, prefill_chunk)
-        done = batch.join(index, prefilled, max_new_tokens, temperature, top_p, seed, stop, ignore_eos)
-        if done is not None:
-            finished(index, done)
-    while batch.rows:
-        for index, result in batch.step():
-            finished(index, result)
-    return results  # type: ignore[return-value]
+def decode_alone(
+    model, tokenizer, prefilled: Prefilled, params: SamplingParams, compile: bool = False
+) -> Generator[str, None, GenerationResult]:
+    """Decode one prefilled sequence as a batch of one row, yielding its text as it becomes final; the
+    generator's return value is its result."""
+    pieces: list[str] = []
+    batch = DecodeBatch(model, tokenizer, compile, on_text=lambda _key, piece: pieces.append(piece))
+    result = batch.join(0, prefilled, params)
+    while result is None:
+        yield from pieces
+        pieces.clear()
+        ended = batch.step()  # [] until the one row ends
+        result = ended[0][1] if ended else None
+    yield from pieces
+    return result

@@ -8,13 +8,23 @@ concatenates, and a decode step sees the same shapes at every step (it can be co
 
 When the heads of a layer keep different numbers of entries (an adaptive allocator), the layer is padded
 to its longest head and `valid[i]` says which prefill entries are real; the padding is counted in `nbytes`.
+
+Ragged batches: `merge` makes one cache of several sequences' caches (each row keeps its own mask, write
+slot and next position; a layer is as long as its longest row needs, `KVCache.capacity`), and `keep_rows`
+keeps some of its rows. A batch cache's `position_base` is a tensor [B].
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
+
+
+def entry_bytes(kv_heads: int, head_dim: int, element_size: int, rows: int = 1) -> int:
+    """Bytes of one entry (K and V) of one layer, over `rows` sequences and every KV head."""
+    return 2 * rows * kv_heads * head_dim * element_size
 
 
 @dataclass
@@ -66,6 +76,15 @@ class KVCache:
             raise RuntimeError(f"the KV cache is full: it was sized for max_new_tokens={self.max_new_tokens}")
 
     @property
+    def room(self) -> int:
+        """Decode steps it still has room for."""
+        return self.max_new_tokens - self.steps
+
+    def capacity(self, layer: int) -> int:
+        """Entries `layer` must be able to hold for its furthest row: the next slot plus the steps left."""
+        return int(self.slots[layer].max()) + self.room
+
+    @property
     def lengths(self) -> list[int]:
         """Entries each layer holds per KV head: its prefill entries (padding included) and decoded ones."""
         return [kept + self.steps for kept in self.kept_per_layer]
@@ -84,8 +103,8 @@ class KVCache:
 
     def entry_bytes(self) -> int:
         """Bytes of one entry (K and V) of one layer over batch and heads."""
-        k = self.keys[0]
-        return 2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()
+        b, h, _, d = self.keys[0].shape
+        return entry_bytes(h, d, self.keys[0].element_size(), rows=b)
 
     def nbytes(self) -> int:
         """Bytes of the K and V entries now held over all layers, padding included."""
@@ -94,3 +113,72 @@ class KVCache:
     def full_nbytes(self) -> int:
         """Bytes that an uncompressed cache would hold for the same tokens."""
         return self.entry_bytes() * len(self.keys) * (self.prompt_len + self.steps)
+
+
+def _pad(t: torch.Tensor, length: int, value) -> torch.Tensor:
+    """t [B, H, n, ...] cut or padded with `value` to `length` along dim 2."""
+    if t.shape[2] >= length:
+        return t[:, :, :length]
+    pad = t.new_full((*t.shape[:2], length - t.shape[2], *t.shape[3:]), value)
+    return torch.cat([t, pad], dim=2)
+
+
+def merge(caches: Sequence[KVCache]) -> KVCache:
+    """One cache with the rows of all `caches`, each layer as long as its rows need (`KVCache.capacity`);
+    rows keep their masks, slots and next positions."""
+    if not caches:
+        raise ValueError("nothing to merge")
+    out = KVCache(
+        prompt_len=max(c.prompt_len for c in caches),
+        max_new_tokens=max(c.room for c in caches),
+        position_base=torch.cat([_next_positions(c) for c in caches]),
+    )
+    for i in range(len(caches[0].keys)):
+        capacity = max(c.capacity(i) for c in caches)
+        kept = max(c.positions[i].shape[-1] for c in caches)
+        out.keys.append(torch.cat([_pad(c.keys[i], capacity, 0) for c in caches]))
+        out.values.append(torch.cat([_pad(c.values[i], capacity, 0) for c in caches]))
+        out.attend.append(torch.cat([_pad(c.attend[i], capacity, False) for c in caches]))
+        out.slots.append(torch.cat([c.slots[i] for c in caches]))
+        out.positions.append(torch.cat([_pad(c.positions[i], kept, -1) for c in caches]))
+        valid = [
+            c.valid[i] if c.valid[i] is not None else torch.ones_like(c.positions[i], dtype=torch.bool) for c in caches
+        ]
+        valid = torch.cat([_pad(v, kept, False) for v in valid])
+        out.valid.append(None if bool(valid.all()) else valid)
+    return out
+
+
+def merged_bytes(batch: KVCache | None, need: Sequence[int], per_row_entry: int) -> int:
+    """K/V bytes of `batch` once one more sequence joins it (`merge`) that needs need[i] entries in layer i:
+    every layer then holds all rows at the longest capacity. per_row_entry: `entry_bytes` of one row."""
+    if batch is None:
+        return per_row_entry * sum(need)
+    rows = batch.keys[0].shape[0] + 1
+    return per_row_entry * rows * sum(max(batch.capacity(i), n) for i, n in enumerate(need))
+
+
+def _next_positions(c: KVCache) -> torch.Tensor:
+    base = torch.as_tensor(c.position_base, device=c.slots[0].device)
+    return (base + c.steps).expand(c.keys[0].shape[0]).clone()
+
+
+def keep_rows(cache: KVCache, rows: Sequence[int]) -> KVCache:
+    """The cache of the given rows only, in that order (the others' memory is released)."""
+    idx = torch.tensor(list(rows), dtype=torch.long, device=cache.slots[0].device)
+
+    def take(ts: list) -> list:
+        return [t.index_select(0, idx) if t is not None else None for t in ts]
+
+    return replace(
+        cache,
+        position_base=_next_positions(cache).index_select(0, idx),
+        steps=0,
+        max_new_tokens=cache.room,
+        keys=take(cache.keys),
+        values=take(cache.values),
+        attend=take(cache.attend),
+        slots=take(cache.slots),
+        positions=take(cache.positions),
+        valid=take(cache.valid),
+    )

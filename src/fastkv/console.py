@@ -18,7 +18,7 @@ def fail(message: str) -> None:
 
 def load_llm(model: str, dtype: str, device: str, quantize: str = "none"):
     """Load a model for a command, turning a bad name or a missing package into a clear error."""
-    from .generate import LLM
+    from .llm import LLM
     from .models import ModelNotInstalledError
 
     try:

@@ -1,20 +1,21 @@
 """The hot path: `prefill` and `decode_step`, plain functions over a model adapter and a KV cache.
 
-Prefill runs the model layer by layer with the model's own modules. After each layer's attention
-projections, the engine asks the method's two parts two questions: which tokens continue to the next
-layer (`reducer.tokens`) and which KV entries this layer caches (`policy.entries`). Tokens that
+Prefill runs the model layer by layer with the model's own modules (`layer_step`). After each layer's
+attention projections, the engine asks the method's two parts two questions: which tokens continue to the
+next layer (`reducer.tokens`) and which KV entries this layer caches (`policy.entries`). Tokens that
 continue keep their original positions, so RoPE stays exact for them. Decoding then continues at the
 position after the last prompt token (L, L + 1, ...), not at the compressed cache's length.
 
-A reducer that needs more than one pass (a filter-and-rerun) drives them itself through `run_pass`,
-the single pass below; the engine holds nothing that only one method uses.
+A reducer that needs more than one pass (a filter-and-rerun) drives them itself through `Passes` (whole
+passes, and a look at one layer); the engine holds nothing that only one method uses.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from functools import partial
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,61 +23,60 @@ import torch.nn.functional as F
 from .adapters import Adapter
 from .cache import KVCache
 from .methods import CachePolicy, LayerState, Method, Reducer, Selection
+from .methods.base import Pass, PrefillTrace
+
+# Check the values of every selection a part returns (range, order, repeats), not only its shape. On a CPU
+# this costs nothing; on a GPU it reads back to the host twice per layer, so it is off there unless asked
+# for (FASTKV_DEBUG=1, which the tests set).
+DEBUG = os.environ.get("FASTKV_DEBUG") == "1"
 
 
-@dataclass
-class PrefillTrace:
-    """What a prefill pass did: tokens each layer computed on, and positions after each reduction."""
-
-    prompt_len: int
-    tokens_per_layer: list[int] = field(default_factory=list)
-    # layer index -> original positions [B, T] of the tokens that continue past that layer
-    propagated: dict[int, torch.Tensor] = field(default_factory=dict)
-    # traces of earlier passes over the same prompt (a multi-pass reducer's), in order
-    earlier: list[PrefillTrace] = field(default_factory=list)
+class ContextLengthError(ValueError):
+    """A prompt (with its new tokens) that the model cannot attend to."""
 
 
-@dataclass
-class Pass:
-    cache: KVCache
-    logits: torch.Tensor | None  # None when the pass stopped at `stop_at`
-    trace: PrefillTrace
-
-
-def check_prompt(parts: Adapter, prompt_len: int, max_new_tokens: int) -> None:
+def check_prompt(adapter: Adapter, prompt_len: int, max_new_tokens: int) -> None:
     """Reject what the model cannot attend to, instead of clipping it."""
     if prompt_len < 1:
         raise ValueError("the prompt is empty")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     total = prompt_len + max_new_tokens
-    if total > parts.max_positions:
-        raise ValueError(
+    if total > adapter.max_positions:
+        raise ContextLengthError(
             f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {total} exceeds the model's "
-            f"context of {parts.max_positions} tokens"
+            f"context of {adapter.max_positions} tokens"
         )
-    if parts.sliding_window is not None and total > parts.sliding_window:
-        raise ValueError(
+    if adapter.sliding_window is not None and total > adapter.sliding_window:
+        raise ContextLengthError(
             f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds this model's sliding "
-            f"attention window of {parts.sliding_window} tokens, which fastkv does not implement"
+            f"attention window of {adapter.sliding_window} tokens, which fastkv does not implement"
         )
+
+
+def check_chunk(chunk_size: int | None) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}")
 
 
 def checked(sel: Selection, what: str, present: int, batch: int, heads: int, ordered: bool) -> Selection:
-    """`sel` if it indexes the `present` tokens properly, else a ValueError that says how it does not."""
+    """`sel` if it indexes the `present` tokens properly, else a ValueError that says how it does not.
+    Shapes and dtypes are always checked; values (which read the indices back) on a CPU or in DEBUG."""
     idx, valid = sel.indices, sel.valid
     if idx.dim() != 3 or idx.shape[0] != batch or idx.shape[1] not in ((1,) if ordered else (1, heads)):
         expected = f"[{batch}, 1, k]" + ("" if ordered else f" or [{batch}, {heads}, k]")
         raise ValueError(f"{what}: indices of shape {list(idx.shape)}, expected {expected}")
     if idx.dtype not in (torch.int64, torch.int32) or idx.shape[-1] == 0:
         raise ValueError(f"{what}: indices must be a non-empty integer tensor, got {idx.dtype} {list(idx.shape)}")
+    if valid is not None and (valid.dtype != torch.bool or valid.shape != (batch, idx.shape[1], idx.shape[2])):
+        raise ValueError(f"{what}: valid must be a bool mask of shape {list(idx.shape)}")
+    if idx.device.type != "cpu" and not DEBUG:
+        return sel
     if int(idx.min()) < 0 or int(idx.max()) >= present:
         raise ValueError(f"{what}: indices must lie in 0..{present - 1}, got {int(idx.min())}..{int(idx.max())}")
     steps = (idx if ordered else idx.sort(dim=-1).values).diff(dim=-1)
     if bool((steps <= 0).any()):
         raise ValueError(f"{what}: indices " + ("must be strictly increasing" if ordered else "repeat an entry"))
-    if valid is not None and (valid.dtype != torch.bool or valid.shape != (batch, idx.shape[1], idx.shape[2])):
-        raise ValueError(f"{what}: valid must be a bool mask of shape {list(idx.shape)}")
     return sel
 
 
@@ -106,103 +106,70 @@ def repeat_kv(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and dtype == torch.float32
 
 
-@torch.inference_mode()
-def prefill(
-    parts: Adapter,
-    input_ids: torch.Tensor,
-    method: Method,
-    max_new_tokens: int = 0,
-    on_layer=None,
+# -- one layer -------------------------------------------------------------------------------------------
+Past = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # K, V [B, Hkv, p, d] and positions [B, p] of earlier tokens
+# decide(state) -> for each way the layer's output continues, the indices [B, T] of the tokens that do (None:
+# all of them); the attention is computed once for all of them. Its side effects (caching) are its own.
+Decide = Callable[[LayerState], Sequence[torch.Tensor | None]]
+
+
+def open_layer(adapter: Adapter, i: int, h: torch.Tensor, pos: torch.Tensor, prompt_len: int,
+               past: Past | None = None) -> LayerState:  # fmt: skip
+    """Layer i's projections of hidden states h [B, n, D] at positions pos [B, n], as the parts see them. With
+    `past`, the earlier tokens' K/V come first in k and v (they attend and are attended to as if present)."""
+    layer = adapter.layers[i]
+    q, k, v = adapter.qkv(layer.self_attn, layer.input_layernorm(h))
+    cos, sin = adapter.rope(h, pos)
+    q, k = adapter.apply_rope(q, k, cos, sin)
+    if past is not None:
+        k, v, pos = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2), torch.cat([past[2], pos], dim=1)
+    return LayerState(i, adapter.num_layers, prompt_len, q, k, v, pos, layer.self_attn.scaling)
+
+
+def layer_step(
+    adapter: Adapter,
+    i: int,
+    h: torch.Tensor,
+    pos: torch.Tensor,
+    prompt_len: int,
+    decide: Decide | None = None,
     chunk_size: int | None = None,
-) -> tuple[KVCache, torch.Tensor, PrefillTrace]:
-    """Run the prompt input_ids [B, L] through the model under `method`.
+    past: Past | None = None,
+    last: bool = False,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run layer i over the tokens present: h [B, n, D] at positions pos [B, n] (after `past`, see open_layer).
 
-    Returns the cache (room for max_new_tokens more entries per layer), the float32 logits of the last
-    prompt token [B, V], and a trace. `on_layer(i)` is called after each layer (for progress bars).
-    chunk_size: attend and run the MLP over at most this many queries at a time (`attend`, `feed_forward`),
-    so that activations beyond q, k, v grow with the prompt, not with chunk x prompt; None: all at once.
+    `decide` sees the layer's state (and caches what it wants); for each selection it returns, one
+    (h, pos) comes back: the hidden states after this layer of the tokens that continue, and their positions.
+    The attention runs once for all of them, over chunks of chunk_size queries (queries [s, e) attend to keys
+    [0, e)); the MLP runs per token, so only on the tokens that continue. last: only the last token's output
+    is needed (the model's last layer).
     """
-    check_prompt(parts, input_ids.shape[1], max_new_tokens)
-    check_chunk(chunk_size)
-    method = method.bind(parts.num_layers)
-    run = partial(run_pass, parts, max_new_tokens=max_new_tokens, on_layer=on_layer, chunk_size=chunk_size)
-    result = method.reducer.prefill(run, input_ids, method.policy)
-    return result.cache, result.logits, result.trace
-
-
-def run_pass(
-    parts: Adapter,
-    input_ids: torch.Tensor,
-    reducer: Reducer,
-    policy: CachePolicy,
-    prompt_len: int | None = None,
-    stop_at: int | None = None,
-    max_new_tokens: int = 0,
-    on_layer=None,
-    chunk_size: int | None = None,
-) -> Pass:
-    """One pass over the layers on input_ids [B, n] at positions 0..n-1.
-
-    prompt_len: the original prompt's length, to which budgets are relative (default n).
-    stop_at: end the pass at this layer if the reducer picks tokens there, before its attention; the
-    trace then holds them and `logits` is None.
-    """
-    b, n = input_ids.shape
-    prompt_len = prompt_len or n
-    pos = torch.arange(n, device=input_ids.device).expand(b, n)
-    cache = KVCache(prompt_len=prompt_len, max_new_tokens=max_new_tokens, position_base=n)
-    trace = PrefillTrace(prompt_len=prompt_len)
-    last_layer = parts.num_layers - 1
-
-    h = parts.embed(input_ids)
-    for i, layer in enumerate(parts.layers):
-        trace.tokens_per_layer.append(h.shape[1])
-        q, k, v = project(parts, layer, h, pos)
-        state = LayerState(i, parts.num_layers, prompt_len, q, k, layer.self_attn.scaling)
-
-        # After the last layer nothing is left to propagate to (unless the pass ends there).
-        selected = chosen_tokens(reducer, state) if i < last_layer or i == stop_at else None
+    state = open_layer(adapter, i, h, pos, prompt_len, past)
+    selections = decide(state) if decide is not None else [None]
+    if not selections:
+        return []
+    layer = adapter.layers[i]
+    out = attend(adapter, layer, h, state.q, state.k, state.v, last=last, chunk_size=chunk_size)
+    steps = []
+    for selected in selections:
         if selected is not None:
-            trace.propagated[i] = pos.gather(1, selected)
-            if i == stop_at:
-                return Pass(cache, None, trace)
-        store(cache, state, policy, v, pos)
-
-        h = attend(parts, layer, h, q, k, v, last=i == last_layer, chunk_size=chunk_size)
-        if selected is not None:
-            # MLPs work per token, so dropping tokens before this layer's MLP changes nothing for the kept.
-            h, pos = h.gather(1, selected.unsqueeze(-1).expand(-1, -1, h.shape[-1])), trace.propagated[i]
-        h = feed_forward(layer, h, chunk_size)
-        if on_layer is not None:
-            on_layer(i)
-
-    logits = parts.lm_head(parts.norm(h[:, -1:]))[:, -1].float()
-    return Pass(cache, logits, trace)
+            hs, ps = out.gather(1, selected.unsqueeze(-1).expand(-1, -1, out.shape[-1])), pos.gather(1, selected)
+        else:
+            hs, ps = out, pos
+        steps.append((feed_forward(layer, hs, chunk_size), ps))
+    return steps
 
 
-def chosen_tokens(reducer: Reducer, state: LayerState) -> torch.Tensor | None:
-    """The indices [B, T] of the tokens the reducer lets continue past this layer (checked), or None."""
-    tokens = reducer.tokens(state)
-    if tokens is None:
-        return None
-    b, hkv = state.k.shape[:2]
-    return checked(tokens, f"{reducer.name} at layer {state.index}", state.present, b, hkv, ordered=True).indices[:, 0]
-
-
-def project(parts: Adapter, layer, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """q [B, Hq, n, d], k, v [B, Hkv, n, d] of hidden states h [B, n, D], rotated to positions pos [B, n]."""
-    q, k, v = parts.qkv(layer.self_attn, layer.input_layernorm(h))
-    cos, sin = parts.rope(h, pos)
-    q, k = parts.apply_rope(q, k, cos, sin)
-    return q, k, v
-
-
-def attend(parts: Adapter, layer, h: torch.Tensor, q, k, v, last: bool, chunk_size: int | None = None) -> torch.Tensor:
+def attend(adapter: Adapter, layer, h: torch.Tensor, q, k, v, last: bool, chunk_size: int | None = None):
     """h plus the layer's causal attention output; for the last layer only the last token's.
 
-    With chunk_size, queries [s, e) attend to keys [0, e) one chunk at a time, written into a new h.
+    q [B, Hq, n, d] are the queries of the last n of the m tokens in k, v [B, Hkv, m, d] (m > n when earlier
+    tokens' K/V come first). With chunk_size, queries [s, e) attend to keys [0, m - n + e) a chunk at a time,
+    written into a new h.
     """
-    b, n, hq, d = h.shape[0], h.shape[1], parts.num_heads, parts.head_dim
+    b, n, hq, d = h.shape[0], h.shape[1], adapter.num_heads, adapter.head_dim
+    offset = k.shape[2] - n
     scale = layer.self_attn.scaling
 
     def output(out: torch.Tensor) -> torch.Tensor:
@@ -211,14 +178,17 @@ def attend(parts: Adapter, layer, h: torch.Tensor, q, k, v, last: bool, chunk_si
     if last:
         # Only the last token's output is needed from the last layer: one query that sees every key.
         return h[:, -1:] + output(attention(q[:, :, -1:], k, v, scale, causal=False))
-    if chunk_size is None or chunk_size >= n:
+    if offset == 0 and (chunk_size is None or chunk_size >= n):
         return h + output(attention(q, k, v, scale, causal=True))
+    size = n if chunk_size is None else chunk_size
     new = torch.empty_like(h)
-    for s in range(0, n, chunk_size):
-        e = min(n, s + chunk_size)
-        # causal from the bottom right: query s + i sees keys 0..s + i
-        mask = torch.arange(e, device=h.device) <= torch.arange(s, e, device=h.device)[:, None]
-        new[:, s:e] = h[:, s:e] + output(attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], scale, mask=mask))
+    for s in range(0, n, size):
+        e = min(n, s + size)
+        # causal from the bottom right: query s + i sees keys 0..offset + s + i
+        rows = torch.arange(offset + s, offset + e, device=h.device)
+        mask = torch.arange(offset + e, device=h.device) <= rows[:, None]
+        keys, values = k[:, :, : offset + e], v[:, :, : offset + e]
+        new[:, s:e] = h[:, s:e] + output(attention(q[:, :, s:e], keys, values, scale, mask=mask))
     return new
 
 
@@ -233,17 +203,21 @@ def feed_forward(layer, h: torch.Tensor, chunk_size: int | None = None) -> torch
     return new
 
 
-def check_chunk(chunk_size: int | None) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}")
+def chosen_tokens(reducer: Reducer, state: LayerState) -> torch.Tensor | None:
+    """The indices [B, T] of the tokens the reducer lets continue past this layer (checked), or None."""
+    tokens = reducer.tokens(state)
+    if tokens is None:
+        return None
+    b, hkv = state.k.shape[:2]
+    return checked(tokens, f"{reducer.name} at layer {state.index}", state.present, b, hkv, ordered=True).indices[:, 0]
 
 
-def store(cache: KVCache, state: LayerState, policy: CachePolicy, v: torch.Tensor, pos: torch.Tensor) -> None:
+def store(cache: KVCache, state: LayerState, policy: CachePolicy) -> None:
     """Ask the policy which of this layer's entries to cache, check its answer, and cache them."""
-    k = state.k
+    k, v = state.k, state.v
     entries = policy.entries(state)
     b, hkv, n, _ = k.shape
-    head_pos = pos.unsqueeze(1).expand(b, hkv, n)
+    head_pos = state.positions.unsqueeze(1).expand(b, hkv, n)
     if entries is None:
         cache.store(k, v, head_pos)
         return
@@ -258,9 +232,95 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
+def logits_of(adapter: Adapter, h: torch.Tensor) -> torch.Tensor:
+    """float32 logits [B, V] of the last token of hidden states h [B, n, D] after the last layer."""
+    return adapter.lm_head(adapter.norm(h[:, -1:]))[:, -1].float()
+
+
+# -- prefill ---------------------------------------------------------------------------------------------
+@dataclass
+class Runner:
+    """`Passes` over one model: what `prefill` gives the method's reducer."""
+
+    adapter: Adapter
+    max_new_tokens: int = 0
+    chunk_size: int | None = None
+    on_layer: Callable[[int], None] | None = None
+
+    def run(self, input_ids: torch.Tensor, reducer: Reducer, policy: CachePolicy) -> Pass:
+        return run_pass(self.adapter, input_ids, reducer, policy, self.max_new_tokens, self.on_layer, self.chunk_size)
+
+    def look(self, input_ids: torch.Tensor, layer: int) -> LayerState:
+        adapter, (b, n) = self.adapter, input_ids.shape
+        h, pos = adapter.embed(input_ids), torch.arange(n, device=input_ids.device).expand(b, n)
+        for i in range(layer):
+            ((h, pos),) = layer_step(adapter, i, h, pos, n, chunk_size=self.chunk_size)
+            if self.on_layer is not None:
+                self.on_layer(i)
+        return open_layer(adapter, layer, h, pos, n)
+
+
+@torch.inference_mode()
+def prefill(
+    adapter: Adapter,
+    input_ids: torch.Tensor,
+    method: Method,
+    max_new_tokens: int = 0,
+    on_layer: Callable[[int], None] | None = None,
+    chunk_size: int | None = None,
+) -> tuple[KVCache, torch.Tensor, PrefillTrace]:
+    """Run the prompt input_ids [B, L] through the model under `method`.
+
+    Returns the cache (room for max_new_tokens more entries per layer), the float32 logits of the last
+    prompt token [B, V], and a trace. `on_layer(i)` is called after each layer (for progress bars).
+    chunk_size: attend and run the MLP over at most this many queries at a time (`attend`, `feed_forward`),
+    so that activations beyond q, k, v grow with the prompt, not with chunk x prompt; None: all at once.
+    """
+    check_prompt(adapter, input_ids.shape[1], max_new_tokens)
+    check_chunk(chunk_size)
+    method = method.bind(adapter.num_layers)
+    done = method.reducer.prefill(Runner(adapter, max_new_tokens, chunk_size, on_layer), input_ids, method.policy)
+    return done.cache, done.logits, done.trace
+
+
+def run_pass(
+    adapter: Adapter,
+    input_ids: torch.Tensor,
+    reducer: Reducer,
+    policy: CachePolicy,
+    max_new_tokens: int = 0,
+    on_layer: Callable[[int], None] | None = None,
+    chunk_size: int | None = None,
+) -> Pass:
+    """One pass over the layers on input_ids [B, n] at positions 0..n-1."""
+    b, n = input_ids.shape
+    pos = torch.arange(n, device=input_ids.device).expand(b, n)
+    cache = KVCache(prompt_len=n, max_new_tokens=max_new_tokens, position_base=n)
+    trace = PrefillTrace(prompt_len=n)
+    last = adapter.num_layers - 1
+
+    h = adapter.embed(input_ids)
+    for i in range(adapter.num_layers):
+        trace.tokens_per_layer.append(h.shape[1])
+
+        def decide(state: LayerState, i=i) -> list[torch.Tensor | None]:
+            # After the last layer nothing is left to propagate to.
+            selected = chosen_tokens(reducer, state) if i < last else None
+            if selected is not None:
+                trace.propagated[i] = state.positions.gather(1, selected)
+            store(cache, state, policy)
+            return [selected]
+
+        ((h, pos),) = layer_step(adapter, i, h, pos, n, decide, chunk_size, last=i == last)
+        if on_layer is not None:
+            on_layer(i)
+    return Pass(cache, logits_of(adapter, h), trace)
+
+
+# -- decode ----------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def decode_step(
-    parts: Adapter, cache: KVCache, tokens: torch.Tensor, position: int | torch.Tensor, compiled: bool = False
+    adapter: Adapter, cache: KVCache, tokens: torch.Tensor, position: int | torch.Tensor, compiled: bool = False
 ) -> torch.Tensor:
     """Feed tokens [B] at `position` (an int, or [B]: cache.position_base + steps so far); return float32
     logits [B, V]. The shapes are the same at every step, so `compiled` runs `decode_layers` under
@@ -268,7 +328,7 @@ def decode_step(
     cache.check_room()
     position = torch.as_tensor(position, device=tokens.device).expand(tokens.shape[0])
     step = compiled_decode_layers() if compiled else decode_layers
-    logits = step(parts, cache.keys, cache.values, cache.attend, cache.slots, tokens, position)
+    logits = step(adapter, cache.keys, cache.values, cache.attend, cache.slots, tokens, position)
     cache.steps += 1
     return logits
 
@@ -279,17 +339,17 @@ def compiled_decode_layers():
     return torch.compile(decode_layers, dynamic=True)
 
 
-def decode_layers(parts: Adapter, keys, values, attend, slots, tokens: torch.Tensor, position: torch.Tensor):
+def decode_layers(adapter: Adapter, keys, values, attend, slots, tokens: torch.Tensor, position: torch.Tensor):
     """One token per sequence through every layer: write its K/V at each sequence's slot, attend over the
     layer's whole buffer under its mask, advance the slots. Tensors in, tensors out: no Python state."""
     b = tokens.shape[0]
-    hq, hkv, d = parts.num_heads, parts.num_kv_heads, parts.head_dim
-    h = parts.embed(tokens.view(b, 1))
-    cos, sin = parts.rope(h, position.view(b, 1))
-    for i, layer in enumerate(parts.layers):
+    hq, hkv, d = adapter.num_heads, adapter.num_kv_heads, adapter.head_dim
+    h = adapter.embed(tokens.view(b, 1))
+    cos, sin = adapter.rope(h, position.view(b, 1))
+    for i, layer in enumerate(adapter.layers):
         attn = layer.self_attn
-        q, k, v = parts.qkv(attn, layer.input_layernorm(h))
-        q, k = parts.apply_rope(q, k, cos, sin)
+        q, k, v = adapter.qkv(attn, layer.input_layernorm(h))
+        q, k = adapter.apply_rope(q, k, cos, sin)
         at = slots[i].view(b, 1, 1).expand(b, hkv, 1)
         keys[i].scatter_(2, at.unsqueeze(-1).expand(b, hkv, 1, d), k)
         values[i].scatter_(2, at.unsqueeze(-1).expand(b, hkv, 1, d), v)
@@ -301,4 +361,4 @@ def decode_layers(parts: Adapter, keys, values, attend, slots, tokens: torch.Ten
         )
         h = h + attn.o_proj(out.reshape(b, 1, hq * d))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return parts.lm_head(parts.norm(h))[:, -1].float()
+    return logits_of(adapter, h)

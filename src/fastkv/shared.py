@@ -19,18 +19,9 @@ import torch
 
 from .adapters import Adapter
 from .cache import KVCache
-from .engine import (
-    PrefillTrace,
-    attend,
-    check_chunk,
-    check_prompt,
-    chosen_tokens,
-    feed_forward,
-    prefill,
-    project,
-    store,
-)
+from .engine import check_chunk, check_prompt, chosen_tokens, layer_step, logits_of, prefill, store
 from .methods import LayerState, Method, Reducer
+from .methods.base import PrefillTrace
 
 
 @dataclass
@@ -46,56 +37,52 @@ def single_pass(reducer: Reducer) -> bool:
 
 @torch.inference_mode()
 def prefill_many(
-    parts: Adapter,
+    adapter: Adapter,
     input_ids: torch.Tensor,
     methods: list[Method],
     max_new_tokens: int = 0,
     chunk_size: int | None = None,
 ) -> list[tuple[KVCache, torch.Tensor, PrefillTrace]]:
-    """Exactly `[prefill(parts, input_ids, m, max_new_tokens, chunk_size=...) for m in methods]`, computed once
-    where shared."""
+    """Exactly `[prefill(adapter, input_ids, m, max_new_tokens, chunk_size=...) for m in methods]`, computed
+    once where shared."""
     b, n = input_ids.shape
-    check_prompt(parts, n, max_new_tokens)
+    check_prompt(adapter, n, max_new_tokens)
     check_chunk(chunk_size)
-    bound = [m.bind(parts.num_layers) for m in methods]
+    bound = [m.bind(adapter.num_layers) for m in methods]
     results: list = [None] * len(bound)
     shared = [i for i, m in enumerate(bound) if single_pass(m.reducer)]
     for i in set(range(len(bound))) - set(shared):
-        results[i] = prefill(parts, input_ids, bound[i], max_new_tokens, chunk_size=chunk_size)
+        results[i] = prefill(adapter, input_ids, bound[i], max_new_tokens, chunk_size=chunk_size)
     caches = {i: KVCache(prompt_len=n, max_new_tokens=max_new_tokens, position_base=n) for i in shared}
     traces = {i: PrefillTrace(prompt_len=n) for i in shared}
-    last = parts.num_layers - 1
+    last = adapter.num_layers - 1
 
-    branches = [Branch(parts.embed(input_ids), torch.arange(n, device=input_ids.device).expand(b, n), shared)]
-    for li, layer in enumerate(parts.layers):
+    branches = [Branch(adapter.embed(input_ids), torch.arange(n, device=input_ids.device).expand(b, n), shared)]
+    for li in range(adapter.num_layers if shared else 0):
         split: list[Branch] = []
-        for br in branches if shared else []:
-            q, k, v = project(parts, layer, br.h, br.pos)
-            state = LayerState(li, parts.num_layers, n, q, k, layer.self_attn.scaling)
+        for br in branches:
             groups: list[tuple[torch.Tensor | None, list[int]]] = []
-            for i in br.members:
-                traces[i].tokens_per_layer.append(br.h.shape[1])
-                selected = chosen_tokens(bound[i].reducer, state) if li < last else None
-                same = [g for g in groups if _equal(g[0], selected)]
-                if same:
-                    same[0][1].append(i)
-                else:
-                    groups.append((selected, [i]))
-                store(caches[i], state, bound[i].policy, v, br.pos)
-            h = attend(parts, layer, br.h, q, k, v, last=li == last, chunk_size=chunk_size)
-            for selected, members in groups:
-                hg, pos = h, br.pos
-                if selected is not None:
-                    hg, pos = (
-                        h.gather(1, selected.unsqueeze(-1).expand(-1, -1, h.shape[-1])),
-                        br.pos.gather(1, selected),
-                    )
-                    for i in members:
-                        traces[i].propagated[li] = pos
-                split.append(Branch(feed_forward(layer, hg, chunk_size), pos, members))
+
+            def decide(state: LayerState, br=br, groups=groups, li=li) -> list[torch.Tensor | None]:
+                """Every member caches its own entries; members whose reducers agree continue as one branch."""
+                for i in br.members:
+                    traces[i].tokens_per_layer.append(br.h.shape[1])
+                    selected = chosen_tokens(bound[i].reducer, state) if li < last else None
+                    same = [g for g in groups if _equal(g[0], selected)]
+                    if same:
+                        same[0][1].append(i)
+                    else:
+                        groups.append((selected, [i]))
+                    if selected is not None:
+                        traces[i].propagated[li] = state.positions.gather(1, selected)
+                    store(caches[i], state, bound[i].policy)
+                return [selected for selected, _ in groups]
+
+            steps = layer_step(adapter, li, br.h, br.pos, n, decide, chunk_size, last=li == last)
+            split += [Branch(h, pos, members) for (h, pos), (_, members) in zip(steps, groups, strict=True)]
         branches = split
     for br in branches:
-        logits = parts.lm_head(parts.norm(br.h[:, -1:]))[:, -1].float()
+        logits = logits_of(adapter, br.h)
         for i in br.members:
             results[i] = (caches[i], logits, traces[i])
     return results

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from ..engine import attend, prefill, project
-from ..eval.runner import first_token_kl
-from ..methods import Composed, FastKV, LayerState, Reducer, Selection, SnapKV
-from ..methods.base import MIN_BUDGET, MIN_TSP_LEN, sized
-from ..methods.registry import KeepAll, WindowAttention
-from ..scoring import top_with_window
-from .prompts import LENGTHS, PER_KIND, Prompt, prompt_set
+from ..chat import encode_rendered, render_chat
+from ..engine import layer_step, prefill
+from ..eval.metrics import first_token_kl
+from ..methods import Composed, FastKV, LayerState, Reducer, Selection, SnapKV, format_spec
+from ..methods.base import MIN_TSP_LEN, sized
+from ..methods.registry import TSP, KeepAll, TopK, WindowAttention
+from .prompts import LENGTHS, PER_KIND, prompt_set
 
 KERNELS, POOLINGS, WINDOWS, RATES = (7, 11, 13, 17), ("max", "avg"), (8, 16), (0.1, 0.2, 0.3)
 SPEED_AT = 8192  # the prompt length the speedup is predicted for
@@ -71,19 +71,22 @@ class Observe(Reducer):
     found: dict = field(default_factory=dict, compare=False)
 
     def tokens(self, layer: LayerState) -> Selection | None:
+        """Ask the real parts what they would pick here: FastKV's cache policy for every window, kernel and
+        pooling, and TSP for every setting whose TSP layer this is (scores are computed once per scorer)."""
         answer = torch.tensor(self.answer, device=layer.k.device)
-        budget = sized(None, self.retain_rate, layer.prompt_len, MIN_BUDGET)
+
+        def recall(chosen: Selection | None) -> float:  # None: every token stays
+            return 1.0 if chosen is None else float(torch.isin(answer, chosen.indices[0]).float().mean())
+
         for w, k, pool in {(s.window_size, s.kernel_size, s.pooling) for s in self.settings}:
-            scores = layer.scores(WindowAttention(window_size=w, kernel_size=k, pooling=pool))
-            if layer.present > budget:  # what the cache policy would keep, per head
-                kept = top_with_window(scores, budget, w)[0]
-                self.found[f"cache/{layer.index}/{w}/{k}/{pool}"] = float(torch.isin(answer, kept).float().mean())
+            scorer = WindowAttention(window_size=w, kernel_size=k, pooling=pool)
+            kept = TopK(scorer=scorer, retain_rate=self.retain_rate).entries(layer)
+            if kept is not None:  # what the cache policy keeps, over all heads
+                self.found[f"cache/{layer.index}/{w}/{k}/{pool}"] = recall(kept)
             for s in self.settings:
-                if (s.tsp_layer, s.window_size, s.kernel_size, s.pooling) != (layer.index, w, k, pool):
-                    continue
-                keep = sized(None, s.tsp_rate, layer.prompt_len, max(w, MIN_TSP_LEN))
-                chosen = top_with_window(scores.sum(dim=1), min(keep, layer.present), w)[0]
-                self.found[key(s)] = float(torch.isin(answer, chosen).float().mean())
+                if (s.tsp_layer, s.window_size, s.kernel_size, s.pooling) == (layer.index, w, k, pool):
+                    tsp = TSP(tsp_layer=s.tsp_layer, window_size=w, kernel_size=k, pooling=pool, tsp_rate=s.tsp_rate)
+                    self.found[key(s)] = recall(tsp.tokens(layer))
         return None
 
 
@@ -99,25 +102,17 @@ def answer_positions(tokenizer, text: str, answer: str) -> tuple[int, ...]:
     return tuple(i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start)
 
 
-def render(tokenizer, prompt: Prompt) -> str:
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt.text}], add_generation_prompt=True, tokenize=False
-    )
-
-
 @torch.inference_mode()
-def layer_costs(parts, sizes: list[int], repeats: int = 2) -> dict[int, float]:
+def layer_costs(adapter, sizes: list[int], repeats: int = 2) -> dict[int, float]:
     """Seconds of one decoder layer (projections, attention, MLP) on n tokens, for each n (median)."""
-    layer, costs = parts.layers[len(parts.layers) // 2], {}
+    middle, costs = len(adapter.layers) // 2, {}
     for n in sorted(set(sizes)):
-        h = torch.randn(1, n, parts.embed_tokens.weight.shape[1], dtype=parts.dtype, device=parts.device)
-        pos = torch.arange(n, device=parts.device)[None]
+        h = torch.randn(1, n, adapter.embed_tokens.weight.shape[1], dtype=adapter.dtype, device=adapter.device)
+        pos = torch.arange(n, device=adapter.device)[None]
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            q, k, v = project(parts, layer, h, pos)
-            out = attend(parts, layer, h, q, k, v, last=False)
-            out + layer.mlp(layer.post_attention_layernorm(out))
+            layer_step(adapter, middle, h, pos, n)
             times.append(time.perf_counter() - start)
         costs[n] = statistics.median(times)
     return costs
@@ -172,33 +167,33 @@ def calibrate(
     on_step=None,
 ) -> dict:
     """Run both stages (resuming from `work_root`) and return the profile record."""
-    parts, tokenizer = llm.parts, llm.tokenizer
-    n_layers = parts.num_layers
+    adapter, tokenizer = llm.adapter, llm.tokenizer
+    n_layers = adapter.num_layers
     settings = grid(n_layers)
     paper = Setting(max(0, n_layers // 2 - 1), 7, "max", 8, 0.2)
-    lengths = tuple(min(n, parts.max_positions - ANSWER_TOKENS) for n in lengths)  # room for the answer
+    lengths = tuple(min(n, adapter.max_positions - ANSWER_TOKENS) for n in lengths)  # room for the answer
     prompts = prompt_set(tokenizer, lengths, per_kind)
     config = {
         "retain_rate": retain_rate,
         "settings": len(settings),
         "prompts": [p.text for p in prompts],
-        "dtype": str(parts.dtype),
+        "dtype": str(adapter.dtype),
         "version": 1,
     }
     work = Work(work_path(work_root, model, config))
     started = time.time()
 
-    costs = layer_costs(parts, [SPEED_AT, *(tsp_tokens(s) for s in settings)])
+    costs = layer_costs(adapter, [SPEED_AT, *(tsp_tokens(s) for s in settings)])
     speed = {key(s): predicted_speedup(s, costs, n_layers) for s in settings}
 
     for i, p in enumerate(prompts):  # stage 1: recall of every setting
         if work.get(1, i) is None:
-            text = render(tokenizer, p)
-            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=parts.device)
+            text = render_chat(tokenizer, p.text)
+            ids = torch.tensor([encode_rendered(tokenizer, text)], device=adapter.device)
             observe = Observe(
                 settings=tuple(settings), answer=answer_positions(tokenizer, text, p.answer), retain_rate=retain_rate
             )
-            prefill(parts, ids, Composed(reducer=observe, policy=KeepAll()))
+            prefill(adapter, ids, Composed(reducer=observe, policy=KeepAll()))
             work.put(
                 {
                     "stage": 1,
@@ -229,7 +224,7 @@ def calibrate(
     ranked = sorted(eligible, key=lambda s: (*recall(s), -s.tsp_layer, -s.tsp_rate), reverse=True)
     finalists = list(dict.fromkeys([*ranked[:candidates], paper]))
     methods = [SnapKV(retain_rate=retain_rate), *(s.method(retain_rate) for s in finalists)]
-    specs = [m.bind(n_layers).spec for m in methods]
+    specs = [format_spec(m.bind(n_layers)) for m in methods]
 
     for i, p in enumerate(prompts):  # stage 2: fidelity of the finalists (and SnapKV, for reference)
         row = work.get(2, i)
@@ -237,7 +232,7 @@ def calibrate(
             row = {"stage": 2, "prompt": i, "answer": p.answer, "max_new_tokens": ANSWER_TOKENS, "results": {}}
         missing = [m for m, spec in zip(methods, specs, strict=True) if spec not in row["results"]]
         if missing:
-            full, *results = llm.generate_many(p.text, ["fullkv", *missing], max_new_tokens=ANSWER_TOKENS, chat=True)
+            full, *results = llm.generate_many(p.text, ["fullkv", *missing], max_tokens=ANSWER_TOKENS, chat=True)
             row["fullkv"] = full.text
             for r in results:
                 row["results"][r.method] = {

@@ -29,10 +29,11 @@ class EvalWorker:
     def __init__(self, model: str, dtype: str, device: str, threads: int, quantize: str = "none") -> None:
         import torch
 
-        from ..generate import LLM
+        from ..llm import LLM
 
         torch.set_num_threads(threads)
         self.llm = LLM.load(model, dtype=dtype, device=device, progress=False, quantize=quantize)
+        self.llm.profile = None  # evaluations run methods as their specs are written (`runner`)
 
     def answer(self, ids: list[int], methods: list, options: dict, shared: bool) -> list:
         if shared:

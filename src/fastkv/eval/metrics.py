@@ -4,6 +4,8 @@ LongBench's definitions (Bai et al., 2023): token F1 after SQuAD-style normalisa
 Google's `rouge-score`), classification and retrieval by the labels/paragraph numbers a prediction
 names, counting by the numbers it gives, and code similarity as the fuzzy ratio (`rapidfuzz`) of the
 first line of code. A prediction is scored against every reference and keeps its best score.
+
+Fidelity to a reference model: `first_token_kl`, the KL divergence of two next-token distributions.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 from functools import cache
+
+import torch
 
 
 def normalize_answer(text: str) -> str:
@@ -106,3 +110,10 @@ def best_score(metric: str, prediction: str, references: Sequence[str], **extra)
     if not references:
         raise ValueError("no references to score against")
     return max(METRICS[metric](prediction, ref, **extra) for ref in references)
+
+
+def first_token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(P_ref || P) of two next-token distributions given as logits [V]."""
+    ref = reference_logits.float().log_softmax(-1)
+    other = logits.float().log_softmax(-1)
+    return float((ref.exp() * (ref - other)).sum())

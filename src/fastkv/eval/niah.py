@@ -14,8 +14,8 @@ import textwrap
 from pathlib import Path
 
 from . import data
+from .report import shorter
 from .ruler import count_tokens, essay_sentences, largest_fitting, render
-from .runner import shorter
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 # The question alone: an extra instruction here becomes the "most relevant sentence" small models quote.

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..methods.spec import short_spec
+from .store import Run
 
 BUDGET = re.compile(r"\b(retain_rate|budget)=([0-9.e-]+)(, )?")
 
@@ -32,7 +33,8 @@ def points(metrics: dict) -> dict[str, list[Point]]:
     """{context (model | setting dtype): points} from metrics.json."""
     found: dict[str, list[Point]] = defaultdict(list)
     for label, m in metrics.items():
-        context, spec = label.rsplit(" | ", 1)
+        model, setting, spec = Run.parse(label)
+        context = f"{model} | {setting}"
         budget = BUDGET.search(spec.split("+")[-1])
         family = BUDGET.sub("", spec).replace(", )", ")").replace("()", "")
         kv = m.get("kv_bytes")

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from functools import cache
 
+from ..chat import has_template, render_chat
 from . import data, metrics
 
 NIAH_TEMPLATE = (
@@ -310,15 +311,13 @@ GENERATORS = {"niah": niah, "vt": vt, "cwe": cwe, "fwe": fwe, "qa": qa}
 
 def render(tokenizer, text: str, answer_prefix: str, chat: bool) -> str:
     """The prompt as the model sees it: chat template (if any and asked for), then the answer prefix."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": text}]
-        head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return head + answer_prefix.lstrip()
+    if chat and has_template(tokenizer):
+        return render_chat(tokenizer, text, answer_prefix)
     return text + answer_prefix
 
 
 def count_tokens(tokenizer, prompt: str, chat: bool) -> int:
-    special = not (chat and getattr(tokenizer, "chat_template", None))
+    special = not (chat and has_template(tokenizer))
     return len(tokenizer(prompt, add_special_tokens=special)["input_ids"])
 
 

@@ -29,17 +29,17 @@ def load(out: Path) -> dict[str, dict]:
 
 
 @torch.inference_mode()
-def time_prefills(parts, input_ids: list[int], methods: dict[str, Method]) -> dict[str, float]:
+def time_prefills(adapter, input_ids: list[int], methods: dict[str, Method]) -> dict[str, float]:
     """Seconds of `prefill` for each method alone on one prompt, FullKV first, after a short warm-up."""
-    ids = torch.tensor([input_ids], device=parts.device)
+    ids = torch.tensor([input_ids], device=adapter.device)
     first = next(iter(methods.values()))
-    prefill(parts, ids[:, :256], first)  # warm kernels and the allocator: the first timed run is not penalised
+    prefill(adapter, ids[:, :256], first)  # warm kernels and the allocator: the first timed run is not penalised
     times = {}
     for spec, method in methods.items():
         start = time.perf_counter()
-        prefill(parts, ids, method)
-        if parts.device.type == "cuda":
-            torch.cuda.synchronize(parts.device)
+        prefill(adapter, ids, method)
+        if adapter.device.type == "cuda":
+            torch.cuda.synchronize(adapter.device)
         times[spec] = time.perf_counter() - start
     return times
 

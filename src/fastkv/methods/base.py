@@ -19,13 +19,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
-# Registries of part classes by name, filled by `fastkv.methods.registry`: "reducer", "policy",
-# "scorer", "allocator" -> {name: class}.
-REGISTRY: dict[str, dict[str, type[Part]]] = {"reducer": {}, "policy": {}, "scorer": {}, "allocator": {}}
+if TYPE_CHECKING:
+    from ..cache import KVCache
+
+# Part classes by kind and name, filled by `fastkv.methods.registry`: "reducer", "policy", "scorer",
+# "allocator" -> {name: class}.
+PARTS: dict[str, dict[str, type[Part]]] = {"reducer": {}, "policy": {}, "scorer": {}, "allocator": {}}
 # A share and an absolute count of the same thing: a part takes one of them, never both.
 EXCLUSIVE = (("retain_rate", "budget"), ("tsp_rate", "tsp_len"))
 # Below these, rate-derived sizes are raised: a short prompt (a chat turn) is left uncompressed.
@@ -66,13 +69,16 @@ class Selection:
 
 @dataclass
 class LayerState:
-    """What a part sees of one layer during prefill: q [B, Hq, n, d] and k [B, Hkv, n, d] after RoPE."""
+    """What a part sees of one layer during prefill: q [B, Hq, n, d] and k, v [B, Hkv, n, d] of the n tokens
+    present, q and k after RoPE, and their original positions [B, n]."""
 
     index: int
     num_layers: int
-    prompt_len: int  # the original prompt's length: budgets are relative to it, whatever n is here
+    prompt_len: int  # the prompt's length: budgets are relative to it, whatever n is here
     q: torch.Tensor
     k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
     scale: float
     _scores: dict = field(default_factory=dict, repr=False)
 
@@ -202,7 +208,7 @@ def build(cls: type[Part], knobs: dict[str, Any], like: Part | None = None, used
     args = {}
     for f in fields(cls):
         if is_sub(f):
-            choices = REGISTRY[f.metadata["kind"]]
+            choices = PARTS[f.metadata["kind"]]
             current = getattr(like, f.name) if isinstance(like, cls) else f.default_factory()
             chosen = knobs.get(f.name)
             if chosen is not None:
@@ -258,6 +264,38 @@ class Allocator(Part):
         return scores.topk(per_head, dim=-1).indices.sort(dim=-1).values, None
 
 
+@dataclass
+class PrefillTrace:
+    """What a prefill pass did: tokens each layer computed on, and positions after each reduction."""
+
+    prompt_len: int
+    tokens_per_layer: list[int] = field(default_factory=list)
+    # layer index -> original positions [B, T] of the tokens that continue past that layer
+    propagated: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Pass:
+    """One pass over the model: the cache it wrote, the float32 logits of its last token [B, V], its trace."""
+
+    cache: KVCache
+    logits: torch.Tensor
+    trace: PrefillTrace
+
+
+class Passes(Protocol):
+    """What the engine offers a reducer to drive prefill with (`Reducer.prefill`)."""
+
+    def run(self, input_ids: torch.Tensor, reducer: Reducer, policy: CachePolicy) -> Pass:
+        """One pass over every layer on input_ids [B, n] at positions 0..n-1."""
+        ...
+
+    def look(self, input_ids: torch.Tensor, layer: int) -> LayerState:
+        """The state of `layer` over input_ids [B, n], after the layers below it ran on every token, caching
+        nothing."""
+        ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class Reducer(Part):
     """Which tokens continue through depth during prefill."""
@@ -272,9 +310,10 @@ class Reducer(Part):
         """Trailing prompt tokens that always continue (None: every token does)."""
         return None
 
-    def prefill(self, run: Callable, input_ids: torch.Tensor, policy: CachePolicy):
-        """Drive the prefill passes. `run(input_ids, reducer, policy, ...)` is the engine's single pass."""
-        return run(input_ids, self, policy)
+    def prefill(self, passes: Passes, input_ids: torch.Tensor, policy: CachePolicy) -> Pass:
+        """Drive prefill: one pass in which this reducer picks the tokens at every layer. A reducer that needs
+        more than one pass (a filter-and-rerun) overrides this and drives them itself."""
+        return passes.run(input_ids, self, policy)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -300,6 +339,11 @@ class CachePolicy(Part):
         included: what a server reserves before the prefill that tells the exact count."""
         budget = self.kv_budget(prompt_len)
         return prompt_len if budget is None else min(prompt_len, budget)
+
+    def for_prompt(self, prompt_len: int) -> CachePolicy:
+        """This policy with its budgets fixed as they are for a prompt of prompt_len tokens, for a pass that
+        runs on fewer (a rerun on selected tokens keeps the budget of the whole prompt)."""
+        return self
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -339,3 +383,6 @@ class Budgeted(CachePolicy):
     def kv_budget(self, prompt_len: int) -> int:
         rate = RETAIN_RATE if self.retain_rate is None else self.retain_rate
         return sized(self.budget, rate, prompt_len, max(self.always_kept(), self.min_budget))
+
+    def for_prompt(self, prompt_len: int) -> Budgeted:
+        return replace(self, budget=self.kv_budget(prompt_len), retain_rate=None)

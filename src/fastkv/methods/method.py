@@ -1,18 +1,27 @@
-"""A method: one context reducer and one cache policy. Presets are flat dataclasses over both.
+"""A method: one context reducer and one cache policy; presets are named methods with flat knobs.
 
-`Composed(reducer, policy)` holds the two parts; `preset(...)` makes a named, flat, frozen dataclass
-(`SnapKV(budget=512)`, `FastKV(kernel_size=13)`) whose fields are the knobs of its two parts: a knob the
-two share (FastKV's window_size, kernel_size and pooling) configures both.
+`Composed(reducer, policy)` holds the two parts. A `Preset` subclass (`presets.py`) is a frozen dataclass
+whose fields are the knobs of its prototype's two parts, every one None until set: a knob the two parts
+share (FastKV's window_size, kernel_size and pooling) configures both, and an unset knob takes the
+prototype's value, or a model's calibrated profile where one applies (`spec.parse`).
+
+Every method also remembers how it was written (`recipe`: the preset or part names with the knobs set),
+so that a spec string and a preset object built without some knobs take the same defaults.
 """
 
 from __future__ import annotations
 
-import re
 import typing
-from dataclasses import MISSING, dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from .base import CachePolicy, Part, Reducer, build, is_sub
+
+# (name, knobs set) for each side of a method as written: one side, or REDUCER+POLICY
+Side = tuple[str, dict[str, Any]]
+Recipe = tuple[Side, ...]
+# Every preset by name, in the order they are defined (filled by `Preset.__init_subclass__`).
+PRESETS: dict[str, type[Preset]] = {}
 
 
 class Method:
@@ -21,24 +30,14 @@ class Method:
     reducer: Reducer
     policy: CachePolicy
 
+    @property
+    def recipe(self) -> Recipe | None:
+        """How this method is written, side by side, with the knobs set (None: built from parts by hand)."""
+        return None
+
     def bind(self, num_layers: int) -> Composed:
         """The same method with every default resolved for a model of `num_layers` layers."""
-        return Composed(reducer=self.reducer.bind(num_layers), policy=self.policy.bind(num_layers))
-
-    @property
-    def spec(self) -> str:
-        """The canonical spec string: parsing it gives this method back (after `bind`, every knob)."""
-        from .spec import format_spec
-
-        return format_spec(self)
-
-    def describe(self) -> str:
-        return self.spec
-
-    @property
-    def name(self) -> str:
-        """The spec without knobs, e.g. "fastkv" or "fastkv+adakv"."""
-        return re.sub(r"\([^)]*\)", "", self.spec)
+        return Composed(reducer=self.reducer.bind(num_layers), policy=self.policy.bind(num_layers), recipe=self.recipe)
 
     @property
     def reduces(self) -> str:
@@ -51,7 +50,9 @@ class Method:
 
     def __add__(self, other: Method) -> Composed:
         """self's context reducer with other's cache policy: `FastKV() + AdaKV()`."""
-        return Composed(reducer=self.reducer, policy=other.policy)
+        sides = (self.recipe, other.recipe)
+        recipe = sides[0] + sides[1] if all(s is not None and len(s) == 1 for s in sides) else None
+        return Composed(reducer=self.reducer, policy=other.policy, recipe=recipe)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Composed(Method):
 
     reducer: Reducer
     policy: CachePolicy
+    recipe: Recipe | None = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         need, tail = self.policy.observed_window(), self.reducer.tail()
@@ -89,23 +91,38 @@ def knob_fields(part_cls: type[Part], like: Part | None = None) -> dict[str, tup
     return out
 
 
+@dataclass(frozen=True, kw_only=True)
 class Preset(Method):
-    """A named method with flat knobs; see `preset`."""
+    """A named method with flat knobs, each None until set; subclasses declare them (see `presets.py`)."""
 
-    name: ClassVar[str]  # type: ignore[assignment]
-    paper: ClassVar[str]
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
     prototype: ClassVar[Composed]
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        PRESETS[cls.name] = cls
+
     def __post_init__(self) -> None:
-        knobs = {f.name: getattr(self, f.name) for f in fields(self)}
+        knobs = self.given
+        proto = self.prototype
         try:
             parts = Composed(
-                reducer=build(type(self.prototype.reducer), knobs, self.prototype.reducer),
-                policy=build(type(self.prototype.policy), knobs, self.prototype.policy),
+                reducer=build(type(proto.reducer), knobs, proto.reducer),
+                policy=build(type(proto.policy), knobs, proto.policy),
             )
         except ValueError as e:
             raise ValueError(f"{self.name}: {e}") from None
         object.__setattr__(self, "_parts", parts)
+
+    @property
+    def given(self) -> dict[str, Any]:
+        """The knobs that are set."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @property
+    def recipe(self) -> Recipe:
+        return ((self.name, self.given),)
 
     @property
     def reducer(self) -> Reducer:
@@ -115,30 +132,9 @@ class Preset(Method):
     def policy(self) -> CachePolicy:
         return self._parts.policy
 
-
-def preset(class_name: str, name: str, prototype: Composed, doc: str, paper: str = "") -> type[Preset]:
-    """A frozen, keyword-only dataclass named `class_name` whose fields are the knobs of the prototype's
-    parts, with the prototype's values as defaults."""
-    knobs = knob_fields(type(prototype.reducer), prototype.reducer)
-    for key, (kind, default, help) in knob_fields(type(prototype.policy), prototype.policy).items():
-        if key in knobs and knobs[key][1] != default:
-            raise TypeError(f"preset {name}: its parts disagree on the default of {key}")
-        knobs.setdefault(key, (kind, default, help))
-    specs = [
-        (key, kind, field(default=default, metadata={"help": help})) for key, (kind, default, help) in knobs.items()
-    ]
-    cls = make_dataclass(
-        class_name,
-        specs,
-        bases=(Preset,),
-        frozen=True,
-        kw_only=True,
-        namespace={"name": name, "paper": paper, "prototype": prototype, "__doc__": doc},
-    )
-    cls.__module__ = "fastkv.methods.presets"  # where it is bound, so that it pickles
-    return cls
-
-
-def defaults(cls: type) -> dict[str, Any]:
-    """A dataclass's knob defaults, by field name."""
-    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The value each knob takes when it is not set (before `bind`, which resolves model-dependent ones)."""
+        proto = cls.prototype
+        parts = (proto.reducer, proto.policy)
+        return {k: v for part in parts for k, (_, v, _) in knob_fields(type(part), part).items()}

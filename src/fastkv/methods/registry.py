@@ -6,7 +6,7 @@ from __future__ import annotations
 from .allocators.adaptive import Adaptive
 from .allocators.pyramid import Pyramid
 from .allocators.uniform import Uniform
-from .base import REGISTRY, Part
+from .base import PARTS, Part
 from .policies.keep_all import KeepAll
 from .policies.sink_recent import SinkRecent
 from .policies.topk import TopK
@@ -21,7 +21,7 @@ from .scorers.window import WindowAttention
 
 def register(part: type[Part]) -> type[Part]:
     """Add a part class under its `kind` and `name` (usable as a decorator)."""
-    REGISTRY[part.kind][part.name] = part
+    PARTS[part.kind][part.name] = part
     return part
 
 
@@ -38,5 +38,3 @@ register(LastQuery)
 register(Uniform)
 register(Pyramid)
 register(Adaptive)
-
-REDUCERS, POLICIES, SCORERS, ALLOCATORS = (REGISTRY[k] for k in ("reducer", "policy", "scorer", "allocator"))

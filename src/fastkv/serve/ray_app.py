@@ -85,7 +85,7 @@ def build_app(options: ReplicaOptions):
     import torch
     from ray import serve
 
-    from ..generate import LLM
+    from ..llm import LLM
     from .api import create_app
 
     if options.threads:

@@ -3,8 +3,8 @@
 One thread owns the model. Each turn of its loop it
 1. drops cancelled requests (a client that went away) from the queue or the batch, freeing their cache;
 2. admits the request at the head of the queue if the batch has a free row and its cache fits in the
-   memory left (`kv_bytes_after`: the batch's caches after the join, from the policy's bound on entries
-   per layer, known before prefill), then prefills it alone and lets it join the running batch;
+   memory left (`fastkv.cache.merged_bytes`: the batch's caches after the join, from the policy's bound on
+   entries per layer, known before prefill), then prefills it alone and lets it join the running batch;
 3. runs one decode step for every running request.
 So a long prefill pauses the running streams for that one prefill, never longer: between two prefills
 there is always a decode step. Requests wait in a bounded queue, first come first served (a large request
@@ -23,27 +23,28 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..batch import DecodeBatch
+from ..batch import DecodeBatch, prefill_prompt
+from ..cache import entry_bytes, merged_bytes
 from ..engine import check_prompt
-from ..generate import GenerationResult, check_sampling, prefill_prompt
 from ..methods import Method
+from ..results import GenerationResult
+from ..sampling import SamplingParams
 
 
 class QueueFull(Exception):
     """The wait queue is full: come back later."""
 
 
+class KVMemoryError(ValueError):
+    """A request whose KV cache could never fit the server's KV memory."""
+
+
 @dataclass(eq=False)
 class Job:
     ids: list[int]
     method: Method  # bound
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: list[str]
+    params: SamplingParams
     loop: asyncio.AbstractEventLoop
-    ignore_eos: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     need: list[int] = field(default_factory=list)  # entries per layer it may hold: the bound, then the room
     cancelled: bool = False
@@ -56,7 +57,7 @@ class Job:
 
 class Scheduler:
     def __init__(self, llm, kv_bytes: int, max_batch: int, max_queue: int, metrics=None, compile: bool = False):
-        self.llm, self.parts = llm, llm.parts
+        self.llm, self.adapter = llm, llm.adapter
         self.kv_limit, self.max_batch, self.max_queue = kv_bytes, max_batch, max_queue
         self.metrics = metrics
         self.queue: deque[Job] = deque()
@@ -64,35 +65,24 @@ class Scheduler:
         self.cond = threading.Condition()
         self.stopping = False
         self.batch = DecodeBatch(llm.model, llm.tokenizer, compile=compile, on_text=self._on_text)
-        p = self.parts
-        self.entry_bytes = 2 * p.num_kv_heads * p.head_dim * p.embed_tokens.weight.element_size()  # K and V
+        a = self.adapter
+        self.entry_bytes = entry_bytes(a.num_kv_heads, a.head_dim, a.dtype.itemsize)  # one row's K and V
         self.thread = threading.Thread(target=self._run, name="fastkv-engine", daemon=True)
 
     # -- the asyncio side ------------------------------------------------------------------------------
     def start(self) -> None:
         self.thread.start()
 
-    def make_job(
-        self,
-        ids: list[int],
-        method: Method,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-        stop: list[str],
-        loop: asyncio.AbstractEventLoop,
-        ignore_eos: bool = False,
-    ) -> Job:
-        """A job for a prompt, checked: ValueError names what the model or the memory cannot take."""
-        check_sampling(max_tokens, temperature, top_p)
-        check_prompt(self.parts, len(ids), max_tokens)
-        n, layers, heads = len(ids), self.parts.num_layers, self.parts.num_kv_heads
-        need = [method.policy.max_entries(n, i, layers, heads) + max_tokens for i in range(layers)]
-        job = Job(ids, method, max_tokens, temperature, top_p, seed, list(stop), loop, ignore_eos, need=need)
-        alone = self.entry_bytes * sum(need)
+    def make_job(self, ids: list[int], method: Method, params: SamplingParams, loop: asyncio.AbstractEventLoop) -> Job:
+        """A job for a prompt, checked: `ContextLengthError` or `KVMemoryError` (ValueErrors) name what the
+        model or the memory cannot take."""
+        check_prompt(self.adapter, len(ids), params.max_tokens)
+        n, layers, heads = len(ids), self.adapter.num_layers, self.adapter.num_kv_heads
+        need = [method.policy.max_entries(n, i, layers, heads) + params.max_tokens for i in range(layers)]
+        job = Job(ids, method, params, loop, need=need)
+        alone = merged_bytes(None, need, self.entry_bytes)
         if alone > self.kv_limit:
-            raise ValueError(
+            raise KVMemoryError(
                 f"this request's KV cache may need {alone / 2**20:.1f} MiB, more than the server's "
                 f"{self.kv_limit / 2**20:.1f} MiB (--kv-mib): shorten the prompt or use a smaller KV budget"
             )
@@ -131,20 +121,11 @@ class Scheduler:
         cache = self.batch.cache
         return 0 if cache is None else sum(k.numel() * k.element_size() * 2 for k in cache.keys)
 
-    def kv_bytes_after(self, job: Job) -> int:
-        """The batch's K/V bytes once `job` has joined: every layer holds B + 1 rows of the longest need."""
-        cache, rows = self.batch.cache, len(self.batch.rows)
-        if cache is None:
-            return self.entry_bytes * sum(job.need)
-        room = cache.max_new_tokens - cache.steps
-        now = [int(s.max()) + room for s in cache.slots]
-        return self.entry_bytes * (rows + 1) * sum(max(a, b) for a, b in zip(now, job.need, strict=True))
-
     def _admissible(self) -> Job | None:
         if not self.queue or len(self.batch.rows) >= self.max_batch:
             return None
         head = self.queue[0]
-        return head if self.kv_bytes_after(head) <= self.kv_limit else None
+        return head if merged_bytes(self.batch.cache, head.need, self.entry_bytes) <= self.kv_limit else None
 
     def _run(self) -> None:
         while True:
@@ -177,9 +158,8 @@ class Scheduler:
     def _prefill(self, job: Job) -> None:
         if self.metrics:
             self.metrics.queue_seconds.observe(time.perf_counter() - job.queued_at)
-        done = prefill_prompt(self.parts, job.ids, job.method, job.max_tokens)
-        options = (job.max_tokens, job.temperature, job.top_p, job.seed, job.stop, job.ignore_eos)
-        result = self.batch.join(job.id, done, *options)
+        done = prefill_prompt(self.adapter, job.ids, job.method, job.params.max_tokens)
+        result = self.batch.join(job.id, done, job.params)
         if result is not None:
             self._finish(job, result)
 

@@ -10,7 +10,11 @@ from ...scoring import top_with_window
 from ..base import (
     MIN_BUDGET,
     RETAIN_RATE,
+    CachePolicy,
     LayerState,
+    Pass,
+    Passes,
+    PrefillTrace,
     Reducer,
     Selection,
     check_exclusive,
@@ -64,20 +68,38 @@ class FilterRerun(Reducer):
     def tail(self) -> int:
         return self.window_size
 
-    def tokens(self, layer: LayerState) -> Selection | None:
+    def keep(self, prompt_len: int) -> int:
+        """Tokens the filter selects from a prompt of prompt_len tokens."""
         rate = RETAIN_RATE if self.retain_rate is None else self.retain_rate
-        keep = sized(self.budget, rate, layer.prompt_len, max(self.window_size, self.min_budget))
+        return sized(self.budget, rate, prompt_len, max(self.window_size, self.min_budget))
+
+    def tokens(self, layer: LayerState) -> Selection | None:
+        keep = self.keep(layer.prompt_len)
         if layer.index != self.filter_layer or layer.present <= keep:
             return None
         scores = layer.scores(self.scorer()).sum(dim=1)
         return Selection.same_for_all_heads(top_with_window(scores, keep, self.window_size))
 
-    def prefill(self, run, input_ids: torch.Tensor, policy):
-        first = run(input_ids, self, policy, stop_at=self.filter_layer)
-        if first.logits is not None:  # nothing was filtered: that pass ran to the end
-            return first
-        # The first pass ran on positions 0..L-1, so the original positions it chose index input_ids.
-        chosen = first.trace.propagated[self.filter_layer]
-        second = run(input_ids.gather(1, chosen), NoReduction(), policy, prompt_len=input_ids.shape[1])
-        second.trace.earlier.append(first.trace)
-        return second
+    def prefill(self, passes: Passes, input_ids: torch.Tensor, policy: CachePolicy) -> Pass:
+        """The filter (layers 0..filter_layer on the whole prompt, caching nothing), then a whole pass on the
+        selected tokens alone, renumbered, with the policy's budgets of the whole prompt."""
+        prompt_len = input_ids.shape[1]
+        if prompt_len <= self.keep(prompt_len):  # nothing to filter: one ordinary pass
+            return passes.run(input_ids, NoReduction(), policy)
+        selected = self.tokens(passes.look(input_ids, self.filter_layer))
+        # At the filter layer every token is present at its own position, so indices are positions.
+        chosen = selected.indices[:, 0]
+        second = passes.run(input_ids.gather(1, chosen), NoReduction(), policy.for_prompt(prompt_len))
+        second.cache.prompt_len = prompt_len  # KV shares are of the whole prompt; decoding goes on at len(chosen)
+        layers = self.filter_layer + 1  # what the filter ran: these layers on the whole prompt, then it chose
+        filtered = PrefillTrace(prompt_len, [prompt_len] * layers, {self.filter_layer: chosen})
+        trace = RerunTrace(**{**vars(second.trace), "prompt_len": prompt_len}, filter=filtered)
+        return Pass(second.cache, second.logits, trace)
+
+
+@dataclass
+class RerunTrace(PrefillTrace):
+    """The rerun's trace, with the filter's: `filter.propagated[filter_layer]` holds the original positions
+    [B, T] of the tokens the rerun ran on (renumbered 0..T-1 there)."""
+
+    filter: PrefillTrace | None = None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .console import err
+from ..console import err
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -31,7 +31,7 @@ def read_prompts(path: Path) -> list[dict]:
     return rows
 
 
-def run_batch(llm, method, rows: list[dict], out_path: Path | None, **options) -> None:
+def run_batch(llm, method, rows: list[dict], out_path: Path | None, sampling, **options) -> None:
     """Generate for every row and write one JSON line per row, in input order, as soon as it can."""
     sink = open(out_path, "w") if out_path else sys.stdout  # noqa: SIM115 (stdout is not ours to close)
     done: dict[int, dict] = {}
@@ -63,7 +63,7 @@ def run_batch(llm, method, rows: list[dict], out_path: Path | None, **options) -
 
     try:
         with progress:
-            llm.generate([r["prompt"] for r in rows], method, on_result=on_result, **options)
+            llm.generate([r["prompt"] for r in rows], method, sampling, on_result=on_result, **options)
     finally:
         if out_path:
             sink.close()

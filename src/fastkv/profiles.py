@@ -2,9 +2,10 @@
 
 A profile is looked up by model name: first in the user's cache (`$FASTKV_CACHE/profiles/NAME.json`,
 written by `fastkv calibrate`), then among the profiles shipped in the package (`fastkv/profiles/`).
-Its knobs become the defaults of the `fastkv` preset wherever a method is given as a spec string for that
-model (`LLM.generate`, `fastkv generate`): knobs written in the spec win, and a Method object is taken as
-it is.
+
+The rule: on a model with a profile, every knob of the `fastkv` preset that you leave unset takes the
+profile's value, whether the method is a spec string or a preset object (`"fastkv"`, `FastKV()`, and the
+left side of `fastkv+adakv` or `FastKV() + AdaKV()` alike); knobs you set always win.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..models import cache_root
+from .models import cache_root
 
 PRESET = "fastkv"
 

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..console import fail, load_llm, out
-from ..methods import Method, make_methods
+from ..methods import Method, format_spec, parse, split_specs
 
 # What only evaluation needs: the `eval` extra. module -> the package that provides it
 EVAL_MODULES = {
@@ -52,7 +52,7 @@ def build_methods(specs: str, retain_rate: float | None, tsp_rate: float | None)
     """Methods from comma-separated specs ('all' for every preset), with the shared KV budget and TSP rate
     where a method has them and its spec does not set them."""
     try:
-        return make_methods(specs, retain_rate=retain_rate, tsp_rate=tsp_rate)
+        return [parse(s, defaults={"retain_rate": retain_rate, "tsp_rate": tsp_rate}) for s in split_specs(specs)]
     except ValueError as e:
         fail(str(e))
 
@@ -60,10 +60,18 @@ def build_methods(specs: str, retain_rate: float | None, tsp_rate: float | None)
 def bound(methods: list[Method], llm) -> dict[str, Method]:
     """The methods bound to the loaded model, by canonical spec (the label of every result)."""
     try:
-        resolved = [m.bind(llm.parts.num_layers) for m in methods]
+        resolved = [m.bind(llm.adapter.num_layers) for m in methods]
     except ValueError as e:
         fail(str(e))
-    return {m.spec: m for m in resolved}
+    return {format_spec(m): m for m in resolved}
+
+
+def load_for_eval(model: str, dtype: str, device: str, quantize: str):
+    """The model, with no calibrated profile in force: evaluations run every method as its spec is written
+    (and labelled), so "fastkv" is the paper's FastKV on every model."""
+    llm = load_llm(model, dtype, device, quantize)
+    llm.profile = None
+    return llm
 
 
 def show(metrics: dict, out_dir: Path) -> None:
@@ -131,7 +139,7 @@ def answerer(ray: str | None, workers: int, cpus: float, threads: int | None, mo
         return
     if importlib.util.find_spec("ray") is None:
         fail("--ray needs Ray: pip install 'fastkv[ray]'")
-    from .distributed import RayAnswer
+    from ..eval.distributed import RayAnswer
 
     try:
         address = None if ray == "local" else ray
@@ -170,7 +178,7 @@ def ruler(
     worker_threads: int | None = WORKER_THREADS,
 ) -> None:
     """RULER's 13 synthetic tasks at the given lengths."""
-    from . import ruler as R
+    from ..eval import ruler as R
 
     chosen = R.TASKS if tasks == "all" else split(tasks)
     for task in chosen:
@@ -179,7 +187,7 @@ def ruler(
     lengths = numbers(length, int, "--length")
     count = min(samples, limit) if limit else samples
     built = build_methods(methods, retain_rate, tsp_rate)
-    llm = load_llm(model, dtype, device, quantize)
+    llm = load_for_eval(model, dtype, device, quantize)
     dtype_label = precision(dtype, quantize)
     runs = bound(built, llm)
     out_path = out_dir or Path("runs") / "ruler"
@@ -205,9 +213,9 @@ def ruler(
 def ruler_length(llm, model, target, chosen, count, seed, chat, dtype, runs, out_path, config, separate,
                  time_prefill, answer) -> dict:  # fmt: skip
     """Evaluate one RULER length; its metrics."""
-    from . import ruler as R
-    from .data import DataNotInstalledError
-    from .runner import Item, run
+    from ..eval import ruler as R
+    from ..eval.data import DataNotInstalledError
+    from ..eval.runner import Item, run
 
     items = []
     # Sample 0 of every task first, then sample 1, ...: a run stopped early covers every task.
@@ -254,12 +262,12 @@ def niah(
     worker_threads: int | None = WORKER_THREADS,
 ) -> None:
     """Needle in a haystack over lengths x depths; writes one heatmap per method and a side-by-side."""
-    from . import niah as N
-    from .runner import Item, run
+    from ..eval import niah as N
+    from ..eval.runner import Item, run
 
     built = build_methods(methods, retain_rate, tsp_rate)
     grid = [(n, d) for n in numbers(lengths, int, "--lengths") for d in numbers(depths, float, "--depths")]
-    llm = load_llm(model, dtype, device, quantize)
+    llm = load_for_eval(model, dtype, device, quantize)
     dtype_label = precision(dtype, quantize)
     runs = bound(built, llm)
     out_path = out_dir or Path("runs") / "niah"
@@ -314,9 +322,9 @@ def longbench(
     worker_threads: int | None = WORKER_THREADS,
 ) -> None:
     """LongBench tasks from local jsonl files, with LongBench's prompts, truncation and metrics."""
-    from . import longbench as LB
-    from .ruler import render
-    from .runner import Item, run
+    from ..eval import longbench as LB
+    from ..eval.ruler import render
+    from ..eval.runner import Item, run
 
     built = build_methods(methods, retain_rate, tsp_rate)
     examples = []
@@ -325,10 +333,10 @@ def longbench(
             examples += LB.load_task(data_dir, task)[:limit]
         except (ValueError, FileNotFoundError) as e:
             fail(str(e))
-    llm = load_llm(model, dtype, device, quantize)
+    llm = load_for_eval(model, dtype, device, quantize)
     dtype_label = precision(dtype, quantize)
     runs = bound(built, llm)
-    window = llm.parts.max_positions
+    window = llm.adapter.max_positions
     items = []
     for ex in examples:
         text = LB.truncate_middle(llm.tokenizer, ex.prompt, (max_length or window) - ex.max_new_tokens - 64)
@@ -357,8 +365,8 @@ def longbench(
 @app.command()
 def report(out_dir: Path = typer.Argument(..., help="an evaluation output directory")) -> None:
     """Rebuild metrics.json and the summaries of a run from its predictions.jsonl (e.g. after a stop)."""
-    from .runner import summarize, write_reports
-    from .timing import load
+    from ..eval.report import summarize, write_reports
+    from ..eval.timing import load
 
     path = out_dir / "predictions.jsonl"
     if not path.is_file():
@@ -373,7 +381,7 @@ def report(out_dir: Path = typer.Argument(..., help="an evaluation output direct
 @app.command()
 def pareto(out_dir: Path = typer.Argument(..., help="an evaluation directory (methods at several budgets)")) -> None:
     """Plot average score against measured prefill time and against KV bytes, one line per method."""
-    from .pareto import pareto as plot
+    from ..eval.pareto import pareto as plot
 
     path = out_dir / "metrics.json"
     if not path.is_file():

@@ -9,8 +9,8 @@ from dataclasses import fields
 
 import typer
 
-from .methods.base import REGISTRY, is_sub
-from .methods.method import knob_fields
+from ..methods.base import PARTS, is_sub
+from ..methods.method import knob_fields
 
 PANEL = "Method knobs (instead of writing them in the --method spec)"
 
@@ -20,10 +20,10 @@ def knob_types() -> dict[str, tuple[type, str]]:
     found: dict[str, tuple[type, str]] = {}
     # Policies first: their help for budget / retain_rate is the one most users mean.
     for kind in ("policy", "scorer", "allocator", "reducer"):
-        for cls in REGISTRY[kind].values():
+        for cls in PARTS[kind].values():
             for f in fields(cls):
                 if is_sub(f):
-                    choices = ", ".join(REGISTRY[f.metadata["kind"]])
+                    choices = ", ".join(PARTS[f.metadata["kind"]])
                     found.setdefault(f.name, (str, f"{f.metadata['help']} ({choices})"))
             for name, (hint, _, help) in knob_fields(cls).items():
                 kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]

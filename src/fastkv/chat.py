@@ -1,0 +1,38 @@
+"""Prompts as the model sees them: the chat template, applied in one place, and token ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+Messages = Sequence[dict]  # [{"role": ..., "content": ...}, ...]
+
+
+def has_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_chat(tokenizer, messages: str | Messages, answer_prefix: str = "") -> str:
+    """The text of a conversation (a user message, or OpenAI-style messages) under the tokenizer's chat
+    template, ready for the assistant's turn, followed by `answer_prefix` (the start of its answer)."""
+    if not has_template(tokenizer):
+        raise ValueError("this tokenizer has no chat template")
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    head = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return head + answer_prefix.lstrip()
+
+
+def encode_rendered(tokenizer, text: str) -> list[int]:
+    """Token ids of text that `render_chat` made (the template holds its special tokens already)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int], chat: bool) -> list[int]:
+    """Token ids of a prompt: token ids as they are, text under the chat template (chat=True) or as it is."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if chat:
+        if not has_template(tokenizer):
+            raise ValueError("chat=True, but this tokenizer has no chat template")
+        return encode_rendered(tokenizer, render_chat(tokenizer, prompt))
+    return tokenizer(prompt)["input_ids"]

@@ -1,0 +1,24 @@
+"""The `fastkv` command, one module per subcommand: generate, serve, models, methods, calibrate, demo, eval."""
+
+from __future__ import annotations
+
+import typer
+
+from . import calibrate, demo, generate, methods, models, serve
+from .eval import app as eval_app
+
+app = typer.Typer(
+    help="FastKV: faster prefill and decoding for long prompts on HuggingFace models.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command(context_settings={"help_option_names": ["-h", "--help"]})(generate.generate)
+app.command()(serve.serve)
+app.command()(models.models)
+app.command()(methods.methods)
+app.command()(calibrate.calibrate)
+app.command()(demo.demo)
+app.add_typer(eval_app, name="eval")
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,113 @@
+"""`fastkv methods`: the presets, the parts they are made of, and every knob with the default it will use.
+
+Plain text, one knob per line, wrapped at the terminal's width (80 columns when piped), so that names and
+values never break in the middle.
+"""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from dataclasses import fields
+
+import typer
+
+from ..methods import PARTS, PRESETS
+from ..methods.base import is_sub
+from ..methods.method import knob_fields
+from ..profiles import PRESET, find
+
+REFERENCE_LAYERS = 32  # any count: knobs resolved per model are shown as their rule, not this count's value
+
+
+def width() -> int:
+    return max(60, min(120, shutil.get_terminal_size((80, 24)).columns))
+
+
+def wrapped(text: str, indent: int, hanging: int) -> list[str]:
+    return textwrap.wrap(
+        text, width(), initial_indent=" " * indent, subsequent_indent=" " * hanging, break_long_words=False
+    ) or [" " * indent]
+
+
+def knob_lines(knobs: dict[str, tuple[object, str]], indent: int = 4) -> list[str]:
+    """One line (or more, wrapped) per knob: name = value, then what it means."""
+    name_w = max((len(k) for k in knobs), default=0)
+    value_w = min(14, max((len(str(v)) for v, _ in knobs.values()), default=0))
+    lines = []
+    for name, (value, help) in knobs.items():
+        head = f"{name:<{name_w}} = {value!s:<{value_w}}  "
+        lines += wrapped(head + help, indent, indent + len(head))
+    return lines
+
+
+def in_force(part) -> dict[str, object]:
+    """A part's knobs with the values they take: rates as bound, per-model knobs as their rule, counts
+    that are not set as "-" (the rate applies)."""
+    bound = part.bind(REFERENCE_LAYERS)
+    out = {}
+    for k, (_, value, _) in knob_fields(type(bound), bound).items():
+        if k in type(part).auto:
+            value = f"auto ({type(part).auto[k]})"
+        out[k] = "-" if value is None else value
+    return out
+
+
+def preset_knobs(cls, profile: dict | None) -> dict[str, tuple[object, str]]:
+    proto = cls.prototype
+    helps = {k: h for part in (proto.reducer, proto.policy) for k, (_, _, h) in knob_fields(type(part), part).items()}
+    values = {**in_force(proto.policy), **in_force(proto.reducer)}
+    out = {}
+    for f in fields(cls):
+        value = values[f.name]
+        if profile is not None and f.name in profile:
+            value = f"{profile[f.name]} (profile)"
+        out[f.name] = (value, helps[f.name])
+    return out
+
+
+def part_label(part) -> str:
+    subs = [getattr(part, f.name).name for f in fields(part) if is_sub(f)]
+    return part.name + (f" ({', '.join(subs)})" if subs else "")
+
+
+def methods(
+    model: str | None = typer.Option(None, "--model", "-m", help="also show the FastKV defaults this model gets"),
+) -> None:
+    """List the presets, the parts they are made of, and every knob with the default it will use."""
+    profile = find(model) if model else None
+    lines = ["PRESETS  (--method NAME, NAME(knob=value, ...) or REDUCER+POLICY)", ""]
+    for name, cls in PRESETS.items():
+        proto = cls.prototype
+        parts = f"reducer {part_label(proto.reducer)}, cache policy {part_label(proto.policy)}"
+        lines += wrapped(f"{name}: reduces {proto.reduces}; {parts}", 0, 2)
+        lines += wrapped((cls.__doc__ or "").strip().splitlines()[0], 2, 2)
+        if cls.paper:
+            lines.append(f"  {cls.paper}")
+        knobs = preset_knobs(cls, profile.knobs if profile is not None and name == PRESET else None)
+        lines += knob_lines(knobs) if knobs else ["    (no knobs)"]
+        lines.append("")
+    lines += ["PARTS  (any reducer combines with any cache policy: REDUCER+POLICY)", ""]
+    for kind, registered in PARTS.items():
+        for name, part_cls in registered.items():
+            lines += wrapped(f"{kind} {name}: {(part_cls.__doc__ or '').strip().splitlines()[0]}", 0, 2)
+            subs = {f.name: ("|".join(PARTS[f.metadata["kind"]]), f.metadata["help"]) for f in fields(part_cls)
+                    if is_sub(f)}  # fmt: skip
+            helps = {k: h for k, (_, _, h) in knob_fields(part_cls).items()}
+            knobs = {**subs, **{k: (v, helps[k]) for k, v in in_force(part_cls()).items()}}
+            lines += knob_lines(knobs) if knobs else ["    (no knobs)"]
+    lines.append("")
+    if model is not None:
+        if profile is None:
+            lines += wrapped(f"{model}: no calibrated profile; fastkv uses the paper's defaults "
+                             f"(`fastkv calibrate {model}` makes one)", 0, 2)  # fmt: skip
+        else:
+            lines += wrapped(f"{model}: fastkv's defaults come from its {profile.source}", 0, 2)
+    lines += wrapped(
+        "A knob written in NAME(...) on the left of + configures the reducer; on the right, the cache policy. "
+        "Every knob is also a --knob-name option of `fastkv generate`. On a model with a calibrated profile, "
+        "the fastkv knobs you leave unset take the profile's values (fastkv methods --model NAME shows them).",
+        0,
+        0,
+    )
+    typer.echo("\n".join(line.rstrip() for line in lines))

@@ -1,0 +1,86 @@
+"""`fastkv serve`: the OpenAI-compatible server, in this process or as Ray Serve replicas."""
+
+from __future__ import annotations
+
+import typer
+
+from ..console import err, fail, load_llm
+from ..methods import parse
+from ..models import DEFAULT_MODEL, DTYPE_HELP
+from ..quantize import QUANTIZE_HELP
+from .common import MODEL_HELP
+
+
+def serve(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    method: str = typer.Option("fastkv", "--method", help="the default method spec of requests"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)"),
+    port: int = typer.Option(8000),
+    kv_mib: float = typer.Option(2048, help="memory for the decode batch's KV caches, MiB"),
+    max_batch: int = typer.Option(16, help="most requests decoding at once"),
+    max_queue: int = typer.Option(64, help="most requests waiting; more get 429"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    quantize: str = typer.Option("auto", help=QUANTIZE_HELP),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    compile: bool = typer.Option(False, "--compile", help="decode under torch.compile"),
+    ray: bool = typer.Option(False, "--ray", help="serve as Ray Serve replicas (the ray extra)", rich_help_panel="Ray"),
+    replicas: int = typer.Option(1, help="with --ray: replicas, each with its own model", rich_help_panel="Ray"),
+    min_replicas: int | None = typer.Option(None, help="with --ray: autoscale from this many", rich_help_panel="Ray"),
+    max_replicas: int | None = typer.Option(None, help="with --ray: autoscale up to this many", rich_help_panel="Ray"),
+    target_ongoing: float = typer.Option(
+        4, help="with --ray and autoscaling: requests in flight per replica to aim at", rich_help_panel="Ray"
+    ),
+    replica_cpus: float = typer.Option(1, help="with --ray: CPUs per replica (its threads)", rich_help_panel="Ray"),
+    replica_gpus: float = typer.Option(0, help="with --ray: GPUs per replica", rich_help_panel="Ray"),
+    ray_address: str | None = typer.Option(
+        None,
+        help="with --ray: the cluster to join ('auto', ray://head:10001); default: start one here",
+        rich_help_panel="Ray",
+    ),
+) -> None:
+    """An OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+
+    With --ray: the same app as Ray Serve replicas behind one endpoint (see README, "Scaling out").
+    """
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"fastkv serve needs the serve extra: pip install 'fastkv[serve]' (missing: {', '.join(missing)})")
+    for option, value in (("--kv-mib", kv_mib), ("--max-batch", max_batch), ("--max-queue", max_queue)):
+        if value <= 0:
+            fail(f"{option} must be positive, got {value}")
+    if ray:
+        from ..serve.ray_app import ReplicaOptions, Scaling
+
+        options = ReplicaOptions(model, method, dtype, device, kv_mib, max_batch, max_queue, compile, quantize=quantize)
+        scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing, replica_cpus, replica_gpus)
+        serve_on_ray(options, scaling, host, port, ray_address)
+        return
+    import uvicorn
+
+    from ..serve.api import create_app
+
+    llm = load_llm(model, dtype, device, quantize)
+    try:
+        application = create_app(llm, model, method, kv_mib, max_batch, max_queue, compile=compile)
+    except ValueError as e:
+        fail(f"--method: {e}")
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+def serve_on_ray(options, scaling, host: str, port: int, address: str | None) -> None:
+    """`fastkv serve --ray`: check what can be checked here, then deploy and block until Ctrl-C."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        fail("fastkv serve --ray needs Ray: pip install 'fastkv[ray]'")
+    from ..serve.ray_app import start
+
+    try:
+        scaling.check()
+        parse(options.method)  # a bad default method fails here, not in every replica
+    except ValueError as e:
+        fail(str(e))
+    err.print(f"deploying {options.model} on Ray Serve at http://{host}:{port} (Ctrl-C stops)")
+    start(options, scaling, host, port, address, blocking=True)

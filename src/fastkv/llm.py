@@ -1,0 +1,107 @@
+"""`LLM`: a loaded model and tokenizer, ready to generate under any method, with the model's profile."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from .adapters import adapter_for
+from .generate import generate, generate_batch, generate_many, is_batch, stream
+from .methods import Method, parse
+from .profiles import PRESET, Profile, find
+from .results import GenerationResult
+from .sampling import SamplingParams
+
+
+class LLM:
+    """A loaded model and tokenizer, ready to generate under any method.
+
+    >>> llm = LLM.load("qwen2.5-0.5b")
+    >>> llm.generate(long_prompt, method="fastkv(tsp_rate=0.2, retain_rate=0.1)", max_tokens=64).text
+
+    On a model with a calibrated profile, every `fastkv` knob left unset takes the profile's value, for a
+    spec string and a preset object alike (`fastkv.profiles`); `result.stats.defaults` says which were in
+    force. `llm.profile = None` gives the paper's defaults instead.
+    """
+
+    def __init__(self, model, tokenizer, name: str = "") -> None:
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.adapter = adapter_for(model)  # fail early on an unsupported family
+        self.profile: Profile | None = find(name)
+
+    @classmethod
+    def load(
+        cls,
+        name: str | None = None,
+        dtype: str = "auto",
+        device: str = "cpu",
+        progress: bool = True,
+        quantize: str = "auto",
+    ) -> LLM:
+        """A model by name (`fastkv.models.load`), by default in the device's dtype with int8 weights where
+        they decode faster (bfloat16 on CPU; `quantize="none"` keeps the dtype's weights)."""
+        from .models import DEFAULT_MODEL, load
+
+        name = name or DEFAULT_MODEL
+        model, tokenizer = load(name, dtype=dtype, device=device, progress=progress, quantize=quantize)
+        return cls(model, tokenizer, name)
+
+    @property
+    def precision(self) -> str:
+        """The dtype the model computes in, with "+int8" where its linears hold int8 weights."""
+        from .quantize import Int8Linear
+
+        dtype = str(self.adapter.dtype).removeprefix("torch.")
+        return dtype + ("+int8" if isinstance(self.adapter.lm_head, Int8Linear) else "")
+
+    def resolve(self, method: Method | str | None = None, **knobs) -> tuple[Method, str]:
+        """The method bound to this model (its profile's defaults applied), and where FastKV's defaults came
+        from: the profile's description, "paper", or "" for a method that has no `fastkv` side.
+        knobs: set apart from the spec, as a command's options (`spec.parse`)."""
+        method = method if method is not None else PRESET
+        profile = {PRESET: self.profile.knobs} if self.profile is not None else None
+        chosen = parse(method, knobs=knobs, preset_defaults=profile).bind(self.adapter.num_layers)
+        recipe = chosen.recipe or ()
+        if not recipe or recipe[0][0] != PRESET:
+            return chosen, ""
+        return chosen, self.profile.source if self.profile is not None else "paper"
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
+        method: Method | str | None = None,
+        sampling: SamplingParams | None = None,
+        **options,
+    ) -> GenerationResult | list[GenerationResult]:
+        """A GenerationResult for a prompt (text or token ids); for a list of prompts, a list of them, in
+        order, decoded together as one ragged batch (`generate_batch`, whose on_result it takes).
+        Options: sampling fields (max_tokens, temperature, ...) unless `sampling` is given; chat, on_text,
+        on_layer, prefill_chunk, compile."""
+        chosen, source = self.resolve(method)
+        many = is_batch(prompt)
+        run = generate_batch if many else generate
+        results = run(self.model, self.tokenizer, prompt, chosen, sampling, **options)
+        for result in results if many else [results]:
+            result.stats.defaults = source
+        return results
+
+    def stream(
+        self, prompt: str | Sequence[int], method: Method | str | None = None, sampling=None, **options
+    ) -> Iterator[str]:
+        """The text piece by piece (`fastkv.generate.stream`); the generator's return value is the result."""
+        chosen, source = self.resolve(method)
+        result = yield from stream(self.model, self.tokenizer, prompt, chosen, sampling, **options)
+        result.stats.defaults = source
+        return result
+
+    def generate_many(
+        self, prompt: str | Sequence[int], methods: Sequence[Method | str], sampling=None, **options
+    ) -> list[GenerationResult]:
+        """One result per method from one shared prefill (`fastkv.generate.generate_many`)."""
+        chosen = [self.resolve(m) for m in methods]
+        results = generate_many(self.model, self.tokenizer, prompt, [m for m, _ in chosen], sampling, **options)
+        for result, (_, source) in zip(results, chosen, strict=True):
+            result.stats.defaults = source
+        return results
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
