@@ -25,13 +25,13 @@ from fastkv.methods import format_spec, parse, split_specs
 from fastkv.models import load
 
 
-def step_ms(parts, cache, tokens, steps: int, compiled: bool) -> float:
+def step_ms(adapter, cache, tokens, steps: int, compiled: bool) -> float:
     times = []
     for step in range(steps):
         start = time.perf_counter()
-        decode_step(parts, cache, tokens, cache.position_base + step, compiled=compiled)
-        if parts.device.type == "cuda":
-            torch.cuda.synchronize(parts.device)
+        decode_step(adapter, cache, tokens, cache.position_base + step, compiled=compiled)
+        if adapter.device.type == "cuda":
+            torch.cuda.synchronize(adapter.device)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -73,19 +73,19 @@ def main() -> None:
     )
     first: dict[tuple[str, int], float] = {}
     for quantize, model in models.items():
-        parts = adapter_for(model)
+        adapter = adapter_for(model)
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(100, model.config.vocab_size - 100, (1, args.length), generator=g).to(parts.device)
+        ids = torch.randint(100, model.config.vocab_size - 100, (1, args.length), generator=g).to(adapter.device)
         for method in methods:
-            bound = method.bind(parts.num_layers)
-            cache, logits, _ = prefill(parts, ids, bound, max_new_tokens=args.steps + 4)
+            bound = method.bind(adapter.num_layers)
+            cache, logits, _ = prefill(adapter, ids, bound, max_new_tokens=args.steps + 4)
             token = logits.argmax(-1)
             single = None
             for b in batches:
                 batch = merge([cache] * b)
                 tokens = token.expand(b).contiguous()
-                step_ms(parts, merge([cache] * b), tokens, 2, args.compile)  # warm up (and compile) this shape
-                ms = step_ms(parts, batch, tokens, args.steps, args.compile)
+                step_ms(adapter, merge([cache] * b), tokens, 2, args.compile)  # warm up (and compile) this shape
+                ms = step_ms(adapter, batch, tokens, args.steps, args.compile)
                 rate = b * 1e3 / ms
                 single = single or rate
                 base = first.setdefault((method.name, b), rate)

@@ -71,14 +71,14 @@ def main() -> None:
         pd.bench_transformers(model, warm, 2)
         rows[f"transformers {label}"] = pd.bench_transformers(model, ids, args.steps)[:2]
     for label, model in models.items():
-        parts = adapter_for(model)
+        adapter = adapter_for(model)
         pd.COMPILE = False
-        pd.bench_engine(parts, warm, method, 2)
-        rows[f"fastkv {label}"] = pd.bench_engine(parts, ids, method, args.steps)[:2]
-    parts = adapter_for(models[default])
+        pd.bench_engine(adapter, warm, method, 2)
+        rows[f"fastkv {label}"] = pd.bench_engine(adapter, ids, method, args.steps)[:2]
+    adapter = adapter_for(models[default])
     pd.COMPILE = True
-    pd.bench_engine(parts, warm, method, 4)  # compiles, once per process
-    rows[f"fastkv {default} compiled"] = pd.bench_engine(parts, ids, method, args.steps)[:2]
+    pd.bench_engine(adapter, warm, method, 4)  # compiles, once per process
+    rows[f"fastkv {default} compiled"] = pd.bench_engine(adapter, ids, method, args.steps)[:2]
     hf32, hfbest = rows["transformers float32"], rows[f"transformers {name[best]}"]
     print()
     print(f"| run | prefill s | decode ms/token | decode x transformers float32 | decode x transformers {name[best]} |")

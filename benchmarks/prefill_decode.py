@@ -130,34 +130,35 @@ def bench_transformers(model, ids: torch.Tensor, steps: int) -> tuple[float, flo
     return prefill_s, statistics.median(times) * 1e3, peak.mib
 
 
-def bench_engine(parts, ids: torch.Tensor, method, steps: int, chunk: int | None = None) -> tuple[float, ...]:
-    with PeakMemory(parts.device) as peak:
-        (cache, logits, _), prefill_s = timed(lambda: prefill(parts, ids, method, steps, chunk_size=chunk))
+def bench_engine(adapter, ids: torch.Tensor, method, steps: int, chunk: int | None = None) -> tuple[float, ...]:
+    with PeakMemory(adapter.device) as peak:
+        (cache, logits, _), prefill_s = timed(lambda: prefill(adapter, ids, method, steps, chunk_size=chunk))
         token, times = logits.argmax(-1), []
         for step in range(steps):
             logits, t = timed(
-                lambda s=step, tok=token: decode_step(parts, cache, tok, cache.position_base + s, compiled=COMPILE)
+                lambda s=step, tok=token: decode_step(adapter, cache, tok, cache.position_base + s, compiled=COMPILE)
             )
             token = logits.argmax(-1)
             times.append(t)
     return prefill_s, statistics.median(times) * 1e3, cache.nbytes() / 2**20, peak.mib
 
 
-def filled_cache(parts, length: int, steps: int) -> KVCache:
+def filled_cache(adapter, length: int, steps: int) -> KVCache:
     """A cache holding `length` random entries per layer, as if a prefill had kept them."""
     cache = KVCache(prompt_len=length, max_new_tokens=steps)
-    shape, options = (1, parts.num_kv_heads, length, parts.head_dim), {"dtype": parts.dtype, "device": parts.device}
-    positions = torch.arange(length, device=parts.device).expand(1, parts.num_kv_heads, length)
-    for _ in range(parts.num_layers):
+    shape = (1, adapter.num_kv_heads, length, adapter.head_dim)
+    options = {"dtype": adapter.dtype, "device": adapter.device}
+    positions = torch.arange(length, device=adapter.device).expand(1, adapter.num_kv_heads, length)
+    for _ in range(adapter.num_layers):
         cache.store(torch.randn(shape, **options), torch.randn(shape, **options), positions)
     return cache
 
 
-def bench_decode_at(parts, prompt_len: int, kept: int, steps: int) -> float:
-    cache = filled_cache(parts, kept, steps)
-    token, times = torch.tensor([1000], device=parts.device), []
+def bench_decode_at(adapter, prompt_len: int, kept: int, steps: int) -> float:
+    cache = filled_cache(adapter, kept, steps)
+    token, times = torch.tensor([1000], device=adapter.device), []
     for step in range(steps):
-        _, t = timed(lambda s=step: decode_step(parts, cache, token, prompt_len + s, compiled=COMPILE))
+        _, t = timed(lambda s=step: decode_step(adapter, cache, token, prompt_len + s, compiled=COMPILE))
         times.append(t)
     return statistics.median(times) * 1e3
 
@@ -203,19 +204,19 @@ def main() -> None:
         model, _ = load(args.model, dtype=args.dtype, device=args.device, progress=False, quantize=args.quantize)
     except ValueError as e:  # a device that is not there, int8 where it cannot run
         ap.error(str(e))
-    parts = adapter_for(model)
+    adapter = adapter_for(model)
     # FullKV first: the other ratios need it. Labels are the short names (variants numbered: fastkv#2);
     # the full specs are printed above the table.
     methods: dict = {}
     for method in [FullKV(), *(m for m in chosen if not m.same_parts(FullKV()))]:
         label = method.name if method.name not in methods else f"{method.name}#{len(methods)}"
-        methods[label] = method.bind(parts.num_layers)
+        methods[label] = method.bind(adapter.num_layers)
     # each method at each chunk size: fastkv/c2048 is FastKV's prefill over chunks of 2048 queries
     runs = {(f"{name}/c{chunk}" if chunk else name): (m, chunk) for chunk in chunks for name, m in methods.items()}
     vocab = model.config.vocab_size
     where = platform.processor() or platform.machine()
-    if parts.device.type == "cuda":
-        where = torch.cuda.get_device_name(parts.device)
+    if adapter.device.type == "cuda":
+        where = torch.cuda.get_device_name(adapter.device)
     print(
         f"# {args.model} {args.dtype}{'' if args.quantize == 'none' else ' quantize=' + args.quantize}"
         f"{' compiled decode' if COMPILE else ''} on {where}, "
@@ -224,8 +225,8 @@ def main() -> None:
     for name, method in methods.items():
         print(f"#   {name}: {format_spec(method)}")
     # Warm up kernels and allocator so that the first timed run is not penalised.
-    warm = prompt(vocab, 256).to(parts.device)
-    bench_engine(parts, warm, methods["fullkv"], 2, chunks[0])
+    warm = prompt(vocab, 256).to(adapter.device)
+    bench_engine(adapter, warm, methods["fullkv"], 2, chunks[0])
     bench_transformers(model, warm, 2)
 
     results: dict = {"prefill": [], "decode_at": []}
@@ -239,7 +240,7 @@ def main() -> None:
     )
     print("\n" + header)
     for length in [int(x) for x in args.lengths.split(",") if x]:
-        ids = prompt(vocab, length).to(parts.device)
+        ids = prompt(vocab, length).to(adapter.device)
         row: dict = {"tokens": length}
         hf_prefill = hf_decode = None
         if not args.no_transformers:
@@ -251,7 +252,7 @@ def main() -> None:
             )
         full = None
         for name, (method, chunk) in runs.items():
-            p, dms, kv, peak = bench_engine(parts, ids, method, args.steps, chunk)
+            p, dms, kv, peak = bench_engine(adapter, ids, method, args.steps, chunk)
             full = full or (p, dms, kv, peak)
             vs_hf = (p / hf_prefill, hf_prefill / p, dms / hf_decode) if hf_prefill else (float("nan"),) * 3
             print(
@@ -273,8 +274,8 @@ def main() -> None:
     if decode_lengths:
         print(f"\n{'cache':>7} {'full ms':>8} {'10% ms':>8} {'speedup':>8}")
     for length in decode_lengths:
-        full_ms = bench_decode_at(parts, length, length, args.steps)
-        small_ms = bench_decode_at(parts, length, length // 10, args.steps)
+        full_ms = bench_decode_at(adapter, length, length, args.steps)
+        small_ms = bench_decode_at(adapter, length, length // 10, args.steps)
         print(f"{length:>7} {full_ms:>8.1f} {small_ms:>8.1f} {full_ms / small_ms:>8.2f}")
         results["decode_at"].append({"cache": length, "full_ms": full_ms, "ten_percent_ms": small_ms})
     if args.json:

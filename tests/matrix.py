@@ -81,9 +81,9 @@ def check_invariants(method: Composed, family: str) -> None:
     """Selections stay among the tokens present, the last token is always cached, the budget holds, the
     cache's bytes are what it holds, and decoding from it matches transformers' own decode step."""
     model = build_tiny(family)
-    parts = adapter_for(model)
-    cache, logits, trace = prefill(parts, prompt_ids(L, seed=11), method, max_new_tokens=2)
-    hkv = parts.num_kv_heads
+    adapter = adapter_for(model)
+    cache, logits, trace = prefill(adapter, prompt_ids(L, seed=11), method, max_new_tokens=2)
+    hkv = adapter.num_kv_heads
     present = list(range(trace.tokens_per_layer[0]))  # the final pass's prompt (GemFilter's: renumbered)
     assert trace.tokens_per_layer == sorted(trace.tokens_per_layer, reverse=True)
     total = 0
@@ -109,7 +109,7 @@ def check_invariants(method: Composed, family: str) -> None:
     assert cache.position_base == trace.tokens_per_layer[0]
     token = int(logits.argmax())
     ref = hf_decode_logits(model, cache, token, position=cache.position_base)
-    ours = decode_step(parts, cache, torch.tensor([token]), cache.position_base)
+    ours = decode_step(adapter, cache, torch.tensor([token]), cache.position_base)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -155,20 +155,20 @@ def hf_decode_logits(model, cache, token: int, position: int) -> torch.Tensor:
         model.set_attn_implementation(previous)
 
 
-def assert_same_as_fullkv(parts, ids: torch.Tensor, method, steps: int) -> None:
+def assert_same_as_fullkv(adapter, ids: torch.Tensor, method, steps: int) -> None:
     """`method` computes exactly what FullKV does: every token in every layer and cache, and bit-identical
     logits at prefill and over `steps` greedy decode steps."""
     from fastkv import FullKV, decode_step, prefill
 
     n = ids.shape[1]
-    ref_cache, ref, _ = prefill(parts, ids, FullKV(), max_new_tokens=steps)
-    cache, logits, trace = prefill(parts, ids, method, max_new_tokens=steps)
-    assert trace.tokens_per_layer == [n] * parts.num_layers and not trace.propagated
+    ref_cache, ref, _ = prefill(adapter, ids, FullKV(), max_new_tokens=steps)
+    cache, logits, trace = prefill(adapter, ids, method, max_new_tokens=steps)
+    assert trace.tokens_per_layer == [n] * adapter.num_layers and not trace.propagated
     assert getattr(trace, "filter", None) is None  # no filter ran
-    assert cache.lengths == [n] * parts.num_layers
+    assert cache.lengths == [n] * adapter.num_layers
     for step in range(steps):
         assert torch.equal(logits, ref)
         token = ref.argmax(-1)
-        ref = decode_step(parts, ref_cache, token, n + step)
-        logits = decode_step(parts, cache, token, n + step)
+        ref = decode_step(adapter, ref_cache, token, n + step)
+        logits = decode_step(adapter, cache, token, n + step)
     assert torch.equal(logits, ref)

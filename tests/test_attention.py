@@ -28,10 +28,10 @@ def test_kernel_choice_per_device_and_dtype(device, dtype, repeat):
 
 @pytest.mark.parametrize("method", [FullKV(), FastKV(tsp_layer=1, tsp_len=40, budget=24)])
 def test_both_paths_run_without_the_math_backend_and_agree(method, monkeypatch):
-    parts = adapter_for(build_tiny("qwen2"))
+    adapter = adapter_for(build_tiny("qwen2"))
     ids = prompt_ids(96, seed=8)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # the math path is off: a fallback would raise
-        _, gqa, _ = prefill(parts, ids, method)
+        _, gqa, _ = prefill(adapter, ids, method)
         monkeypatch.setattr(engine, "repeat_kv", lambda device, dtype: True)
-        _, repeated, _ = prefill(parts, ids, method)
+        _, repeated, _ = prefill(adapter, ids, method)
     torch.testing.assert_close(repeated, gqa, rtol=1e-5, atol=1e-5)

@@ -29,14 +29,14 @@ def prompts() -> list[list[int]]:
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_batched_decode_logits_follow_solo_runs(family, method):
-    parts = adapter_for(build_tiny(family))
-    solo = [prefill(parts, torch.tensor([p]), method, max_new_tokens=4) for p in prompts()]
+    adapter = adapter_for(build_tiny(family))
+    solo = [prefill(adapter, torch.tensor([p]), method, max_new_tokens=4) for p in prompts()]
     batch = merge([cache for cache, _, _ in solo])
     tokens = torch.stack([logits[0].argmax() for _, logits, _ in solo])
     for step in range(4):
-        logits = decode_step(parts, batch, tokens, batch.position_base + step)
+        logits = decode_step(adapter, batch, tokens, batch.position_base + step)
         alone = torch.cat(
-            [decode_step(parts, c, tokens[b : b + 1], c.position_base + step) for b, (c, _, _) in enumerate(solo)]
+            [decode_step(adapter, c, tokens[b : b + 1], c.position_base + step) for b, (c, _, _) in enumerate(solo)]
         )
         assert torch.allclose(logits, alone, rtol=1e-4, atol=1e-5), (logits - alone).abs().max()
         tokens = alone.argmax(-1)
@@ -80,12 +80,12 @@ def test_rows_end_on_their_own_and_others_go_on():
 
 def test_a_sequence_joins_a_running_batch():
     model = build_tiny("qwen2")
-    parts = adapter_for(model)
-    method = parse("fastkv(tsp_layer=1, tsp_len=48, budget=24)").bind(parts.num_layers)
+    adapter = adapter_for(model)
+    method = parse("fastkv(tsp_layer=1, tsp_len=48, budget=24)").bind(adapter.num_layers)
     runner = DecodeBatch(model, CharTokenizer())
     results = {}
     for key, prompt in enumerate(prompts()):
-        cache, logits, trace = prefill(parts, torch.tensor([prompt]), method, max_new_tokens=10)
+        cache, logits, trace = prefill(adapter, torch.tensor([prompt]), method, max_new_tokens=10)
         assert runner.join(key, Prefilled(method, len(prompt), cache, logits, trace, 0.0), SamplingParams(10)) is None
         for _ in range(3):  # the earlier rows run ahead: the rows differ in steps taken
             results.update(runner.step())
@@ -96,14 +96,14 @@ def test_a_sequence_joins_a_running_batch():
 
 
 def test_keep_rows_drops_rows_and_their_memory():
-    parts = adapter_for(build_tiny("llama"))
+    adapter = adapter_for(build_tiny("llama"))
     method = parse("snapkv(budget=24)")
-    solo = [prefill(parts, torch.tensor([p]), method, max_new_tokens=3) for p in prompts()]
+    solo = [prefill(adapter, torch.tensor([p]), method, max_new_tokens=3) for p in prompts()]
     batch = keep_rows(merge([c for c, _, _ in solo]), [2, 0])
     assert batch.keys[0].shape[0] == 2 and batch.position_base.tolist() == [96, 70]
     token = torch.tensor([solo[2][1][0].argmax(), solo[0][1][0].argmax()])
-    logits = decode_step(parts, batch, token, batch.position_base)
-    assert torch.allclose(logits[0], decode_step(parts, solo[2][0], token[:1], 96)[0], rtol=1e-4, atol=1e-5)
+    logits = decode_step(adapter, batch, token, batch.position_base)
+    assert torch.allclose(logits[0], decode_step(adapter, solo[2][0], token[:1], 96)[0], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="nothing to merge"):
         merge([])
 

@@ -62,14 +62,14 @@ def test_recall_matches_what_fastkv_propagates(llm, tokenizer):
     answer = search.answer_positions(tokenizer, text, p.answer)
     settings = [search.Setting(1, k, pool, w, 0.3) for k in (7, 13) for pool in ("max", "avg") for w in (8, 16)]
     observe = search.Observe(settings=tuple(settings), answer=answer, retain_rate=0.1)
-    parts = adapter_for(llm.model)
+    adapter = adapter_for(llm.model)
     from fastkv.methods import Composed
     from fastkv.methods.registry import KeepAll
 
-    prefill(parts, ids, Composed(reducer=observe, policy=KeepAll()))
+    prefill(adapter, ids, Composed(reducer=observe, policy=KeepAll()))
     for s in settings:
-        method = s.method(0.1).bind(parts.num_layers)
-        _, _, trace = prefill(parts, ids, method)
+        method = s.method(0.1).bind(adapter.num_layers)
+        _, _, trace = prefill(adapter, ids, method)
         kept = set(trace.propagated[1][0].tolist())
         assert observe.found[search.key(s)] == pytest.approx(sum(a in kept for a in answer) / len(answer))
 

@@ -24,21 +24,21 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
 @pytest.mark.parametrize("chunk", [7, 32])
 def test_chunked_prefill_equals_unchunked(family, method, chunk):
-    parts = adapter_for(build_tiny(family))
+    adapter = adapter_for(build_tiny(family))
     ids = prompt_ids(96, seed=21)
-    cache, logits, trace = prefill(parts, ids, method, max_new_tokens=2)
-    c_cache, c_logits, c_trace = prefill(parts, ids, method, max_new_tokens=2, chunk_size=chunk)
+    cache, logits, trace = prefill(adapter, ids, method, max_new_tokens=2)
+    c_cache, c_logits, c_trace = prefill(adapter, ids, method, max_new_tokens=2, chunk_size=chunk)
     assert close(c_logits, logits), (c_logits - logits).abs().max()
     # The same tokens continue and the same entries are cached: the selections did not move.
     assert c_trace.tokens_per_layer == trace.tokens_per_layer
     assert equal(c_trace.propagated, trace.propagated) and equal(c_cache.positions, cache.positions)
-    for i in range(parts.num_layers):
+    for i in range(adapter.num_layers):
         n = cache.lengths[i]
         assert close(c_cache.keys[i][:, :, :n], cache.keys[i][:, :, :n])
         assert close(c_cache.values[i][:, :, :n], cache.values[i][:, :, :n])
     token = logits.argmax(-1)
-    step = decode_step(parts, cache, token, cache.position_base)
-    assert close(decode_step(parts, c_cache, token, c_cache.position_base), step)
+    step = decode_step(adapter, cache, token, cache.position_base)
+    assert close(decode_step(adapter, c_cache, token, c_cache.position_base), step)
 
 
 @pytest.mark.parametrize("chunk", [1, 16])
@@ -52,11 +52,11 @@ def test_chunked_fullkv_matches_transformers(family, chunk):
 
 
 def test_shared_prefill_chunks_as_each_method_alone():
-    parts = adapter_for(build_tiny("qwen2"))
+    adapter = adapter_for(build_tiny("qwen2"))
     ids = prompt_ids(96, seed=21)
-    together = prefill_many(parts, ids, METHODS, max_new_tokens=1, chunk_size=24)
+    together = prefill_many(adapter, ids, METHODS, max_new_tokens=1, chunk_size=24)
     for method, (cache, logits, _) in zip(METHODS, together, strict=True):
-        ref_cache, ref_logits, _ = prefill(parts, ids, method, max_new_tokens=1, chunk_size=24)
+        ref_cache, ref_logits, _ = prefill(adapter, ids, method, max_new_tokens=1, chunk_size=24)
         assert torch.equal(logits, ref_logits), format_spec(method)
         for k, ref_k, n in zip(cache.keys, ref_cache.keys, ref_cache.lengths, strict=True):
             assert torch.equal(k[:, :, :n], ref_k[:, :, :n])  # past n: room for decoding, not written
@@ -64,11 +64,11 @@ def test_shared_prefill_chunks_as_each_method_alone():
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])
 def test_bad_chunk_sizes_are_refused(bad):
-    parts = adapter_for(build_tiny("llama"))
+    adapter = adapter_for(build_tiny("llama"))
     with pytest.raises(ValueError, match="chunk_size must be a positive number of tokens"):
-        prefill(parts, prompt_ids(16), FullKV(), chunk_size=bad)
+        prefill(adapter, prompt_ids(16), FullKV(), chunk_size=bad)
     with pytest.raises(ValueError, match="chunk_size"):
-        prefill_many(parts, prompt_ids(16), [FullKV()], chunk_size=bad)
+        prefill_many(adapter, prompt_ids(16), [FullKV()], chunk_size=bad)
 
 
 def test_cli_names_the_option():

@@ -13,8 +13,8 @@ from .conftest import build_tiny, prompt_ids
 
 
 def test_decode_keeps_its_buffers_and_shapes():
-    parts = adapter_for(build_tiny("qwen2"))
-    cache, logits, _ = prefill(parts, prompt_ids(80), SnapKV(budget=24), max_new_tokens=5)
+    adapter = adapter_for(build_tiny("qwen2"))
+    cache, logits, _ = prefill(adapter, prompt_ids(80), SnapKV(budget=24), max_new_tokens=5)
 
     def buffers():
         layers = zip(cache.keys, cache.values, cache.attend, strict=True)
@@ -22,42 +22,42 @@ def test_decode_keeps_its_buffers_and_shapes():
 
     before = buffers()
     for step in range(5):
-        logits = decode_step(parts, cache, logits.argmax(-1), cache.position_base + step)
+        logits = decode_step(adapter, cache, logits.argmax(-1), cache.position_base + step)
         assert buffers() == before
-        for i in range(parts.num_layers):
+        for i in range(adapter.num_layers):
             # the 24 prefill entries and one per step so far, nothing beyond
-            assert cache.attend[i].sum(-1).tolist() == [[24 + step + 1] * parts.num_kv_heads]
+            assert cache.attend[i].sum(-1).tolist() == [[24 + step + 1] * adapter.num_kv_heads]
             assert cache.slots[i].tolist() == [24 + step + 1]
-    assert cache.lengths == [24 + 5] * parts.num_layers
+    assert cache.lengths == [24 + 5] * adapter.num_layers
     with pytest.raises(RuntimeError, match="the KV cache is full: it was sized for max_new_tokens=5"):
-        decode_step(parts, cache, logits.argmax(-1), cache.position_base + 5)
+        decode_step(adapter, cache, logits.argmax(-1), cache.position_base + 5)
 
 
 def test_a_batch_decodes_each_sequence_as_alone():
     # Two prompts in one batch, each at its own position: every row equals that sequence decoded alone.
-    parts = adapter_for(build_tiny("llama"))
+    adapter = adapter_for(build_tiny("llama"))
     ids = torch.cat([prompt_ids(64, seed=3), prompt_ids(64, seed=4)])
-    cache, logits, _ = prefill(parts, ids, FullKV(), max_new_tokens=3)
-    solo = [prefill(parts, ids[b : b + 1], FullKV(), max_new_tokens=3) for b in range(2)]
+    cache, logits, _ = prefill(adapter, ids, FullKV(), max_new_tokens=3)
+    solo = [prefill(adapter, ids[b : b + 1], FullKV(), max_new_tokens=3) for b in range(2)]
     shift = torch.tensor([0, 7])  # positions may differ per sequence (a ragged batch's do)
     for step in range(3):
         tokens = logits.argmax(-1)
-        logits = decode_step(parts, cache, tokens, 64 + step + shift)
+        logits = decode_step(adapter, cache, tokens, 64 + step + shift)
         for b, (c, _, _) in enumerate(solo):
-            alone = decode_step(parts, c, tokens[b : b + 1], 64 + step + int(shift[b]))
+            alone = decode_step(adapter, c, tokens[b : b + 1], 64 + step + int(shift[b]))
             assert torch.allclose(logits[b], alone[0], rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_decode_equals_eager():
-    parts = adapter_for(build_tiny("qwen2"))
+    adapter = adapter_for(build_tiny("qwen2"))
     method = parse("adakv(budget=24)")  # padded heads: the mask matters
     for n in (96, 130):  # another capacity: the same compiled graph (dynamic shapes)
-        eager, logits, _ = prefill(parts, prompt_ids(n), method, max_new_tokens=3)
-        compiled, _, _ = prefill(parts, prompt_ids(n), method, max_new_tokens=3)
+        eager, logits, _ = prefill(adapter, prompt_ids(n), method, max_new_tokens=3)
+        compiled, _, _ = prefill(adapter, prompt_ids(n), method, max_new_tokens=3)
         for step in range(3):
             token = logits.argmax(-1)
-            logits = decode_step(parts, eager, token, n + step)
-            fast = decode_step(parts, compiled, token, n + step, compiled=True)
+            logits = decode_step(adapter, eager, token, n + step)
+            fast = decode_step(adapter, compiled, token, n + step, compiled=True)
             assert torch.allclose(fast, logits, rtol=1e-4, atol=1e-5), (fast - logits).abs().max()
             assert compiled.slots[0].tolist() == eager.slots[0].tolist()
 
@@ -69,9 +69,9 @@ def test_policies_bound_their_cache_before_prefill(name):
     # What a server reserves before prefill is never less than what prefill then caches.
     from .fixtures.record_presets import CONFIGS
 
-    parts = adapter_for(build_tiny("qwen2"))
-    method = parse(name, knobs=CONFIGS[name]).bind(parts.num_layers)
+    adapter = adapter_for(build_tiny("qwen2"))
+    method = parse(name, knobs=CONFIGS[name]).bind(adapter.num_layers)
     for n in (20, 96, 200):
-        cache, _, _ = prefill(parts, prompt_ids(n, seed=n), method)
+        cache, _, _ = prefill(adapter, prompt_ids(n, seed=n), method)
         for i, kept in enumerate(cache.kept_per_layer):
-            assert kept <= method.policy.max_entries(n, i, parts.num_layers, parts.num_kv_heads), (n, i)
+            assert kept <= method.policy.max_entries(n, i, adapter.num_layers, adapter.num_kv_heads), (n, i)

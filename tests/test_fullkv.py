@@ -9,14 +9,14 @@ from fastkv import FullKV, adapter_for, decode_step, prefill
 from .conftest import build_tiny, prompt_ids
 
 
-def greedy(parts, ids, method, steps):
-    cache, logits, _ = prefill(parts, ids, method, max_new_tokens=steps)
+def greedy(adapter, ids, method, steps):
+    cache, logits, _ = prefill(adapter, ids, method, max_new_tokens=steps)
     out = []
     for t in range(steps):
         token = logits.argmax(-1)
         out.append(int(token))
         if t < steps - 1:
-            logits = decode_step(parts, cache, token, ids.shape[1] + t)
+            logits = decode_step(adapter, cache, token, ids.shape[1] + t)
     return out, cache
 
 

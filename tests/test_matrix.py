@@ -116,9 +116,9 @@ def test_every_preset_has_its_exact_sizes_below():
 def test_cache_sizes_and_decode_positions(name, family):
     case = CASES[name]
     model = build_tiny(family)
-    parts = adapter_for(model)
+    adapter = adapter_for(model)
     ids = prompt_ids(L, seed=11)
-    cache, logits, trace = prefill(parts, ids, case.compressing(), max_new_tokens=2)
+    cache, logits, trace = prefill(adapter, ids, case.compressing(), max_new_tokens=2)
     assert trace.tokens_per_layer == case.tokens
     hkv = model.config.num_key_value_heads
     if name == "adakv":
@@ -128,29 +128,29 @@ def test_cache_sizes_and_decode_positions(name, family):
             assert cache.lengths[i] == int(counts.max())  # padded to the longest head
             assert int(counts.min()) >= int(0.2 * 16) + W  # every head keeps its floor and the window
         # the bytes held are what the padded per-head counts promise
-        entry = 2 * parts.head_dim * 4
+        entry = 2 * adapter.head_dim * 4
         assert cache.nbytes() == sum(hkv * int(cache.kept_per_head(i).max()) * entry for i in range(LAYERS))
     else:
         assert cache.lengths == case.lengths
-        assert cache.nbytes() == sum(case.lengths) * 2 * hkv * parts.head_dim * 4
+        assert cache.nbytes() == sum(case.lengths) * 2 * hkv * adapter.head_dim * 4
     assert cache.position_base == case.position_base
     token = int(logits.argmax())
     ref = hf_decode_logits(model, cache, token, position=cache.position_base)
-    ours = decode_step(parts, cache, torch.tensor([token]), cache.position_base)
+    ours = decode_step(adapter, cache, torch.tensor([token]), cache.position_base)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_window_scored_selections_match_reference(family):
     model = build_tiny(family, attn="eager")
-    parts = adapter_for(model)
+    adapter = adapter_for(model)
     ids = prompt_ids(L, seed=13)
     probs = eager_attentions(model, ids)
     hkv = model.config.num_key_value_heads
     budgets = Pyramid(beta=4).budgets(24, W, LAYERS)
     assert budgets == [36, 28, 20, 12] and sum(budgets) / LAYERS == 24
-    pyramid, _, _ = prefill(parts, ids, PyramidKV(budget=24, beta=4))
-    h2o, _, _ = prefill(parts, ids, H2O(budget=24))
+    pyramid, _, _ = prefill(adapter, ids, PyramidKV(budget=24, beta=4))
+    h2o, _, _ = prefill(adapter, ids, H2O(budget=24))
     for i, p in enumerate(probs):
         snap = snap_scores(p, W, 7, "max", hkv)
         # H2O: attention received from every query (causal by construction of the eager probs)
@@ -198,9 +198,9 @@ def test_streamingllm_keeps_sinks_and_recent(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gemfilter_reruns_on_reference_top_tokens(family):
     model = build_tiny(family)
-    parts = adapter_for(model)
+    adapter = adapter_for(model)
     ids = prompt_ids(L, seed=15)
-    cache, logits, trace = prefill(parts, ids, GemFilter(budget=24, filter_layer=1, kernel_size=5))
+    cache, logits, trace = prefill(adapter, ids, GemFilter(budget=24, filter_layer=1, kernel_size=5))
     first = trace.filter
     assert first.tokens_per_layer == [L, L]  # layers 0 and 1 ran on the full prompt before the restart
     assert trace.tokens_per_layer == [24] * 4 and not trace.propagated  # the rerun drops nothing

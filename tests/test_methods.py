@@ -40,12 +40,12 @@ def test_snapkv_keeps_reference_top_entries(family, pooling):
 
 def test_snapkv_cache_holds_the_selected_keys(family):
     model = build_tiny(family)
-    parts = adapter_for(model)
+    adapter = adapter_for(model)
     ids = prompt_ids(L)
-    full, _, _ = prefill(parts, ids, FullKV())
-    snap, _, _ = prefill(parts, ids, SnapKV(retain_rate=0.3, min_budget=1))
-    for i in range(parts.num_layers):
-        idx = snap.positions[i][..., None].expand(-1, -1, -1, parts.head_dim)
+    full, _, _ = prefill(adapter, ids, FullKV())
+    snap, _, _ = prefill(adapter, ids, SnapKV(retain_rate=0.3, min_budget=1))
+    for i in range(adapter.num_layers):
+        idx = snap.positions[i][..., None].expand(-1, -1, -1, adapter.head_dim)
         n = snap.lengths[i]
         assert n == 24
         torch.testing.assert_close(snap.keys[i][:, :, :n], full.keys[i][:, :, :L].gather(2, idx))
@@ -57,8 +57,8 @@ def test_fastkv_propagates_reference_top_tokens(family):
     ids = prompt_ids(L, seed=3)
     probs = eager_attentions(eager, ids)
     method = FastKV(tsp_layer=1, tsp_rate=0.5, min_tsp_len=1, budget=24, window_size=W, kernel_size=7)
-    parts = adapter_for(eager)
-    cache, logits, trace = prefill(parts, ids, method)
+    adapter = adapter_for(eager)
+    cache, logits, trace = prefill(adapter, ids, method)
 
     hkv = eager.config.num_key_value_heads
     tsp_ref = snap_scores(probs[1], W, 7, "max", hkv).sum(0)
@@ -84,44 +84,44 @@ def test_fastkv_propagates_reference_top_tokens(family):
 @pytest.mark.parametrize("method", [SnapKV(budget=24), FastKV(tsp_layer=1, tsp_len=40, budget=24)])
 def test_decode_continues_from_original_length(family, method):
     model = build_tiny(family)
-    parts = adapter_for(model)
+    adapter = adapter_for(model)
     ids = prompt_ids(L, seed=4)
-    cache, logits, _ = prefill(parts, ids, method, max_new_tokens=3)
+    cache, logits, _ = prefill(adapter, ids, method, max_new_tokens=3)
     token = int(logits.argmax())
     ref = hf_decode_logits(model, cache, token, position=L)
     # A position taken from the compressed cache length would give other logits.
     wrong = hf_decode_logits(model, cache, token, position=24)
-    ours = decode_step(parts, cache, torch.tensor([token]), L)
+    ours = decode_step(adapter, cache, torch.tensor([token]), L)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(ours, wrong, rtol=1e-4, atol=1e-4)
     assert cache.lengths == [25] * 4
 
 
 def test_fastkv_without_compression_equals_fullkv(family):
-    parts = adapter_for(build_tiny(family))
-    assert_same_as_fullkv(parts, prompt_ids(L, seed=5), FastKV(tsp_rate=1.0, retain_rate=1.0), steps=8)
+    adapter = adapter_for(build_tiny(family))
+    assert_same_as_fullkv(adapter, prompt_ids(L, seed=5), FastKV(tsp_rate=1.0, retain_rate=1.0), steps=8)
 
 
 def test_short_prompt_is_not_compressed():
-    parts = adapter_for(build_tiny("llama"))
+    adapter = adapter_for(build_tiny("llama"))
     ids = prompt_ids(40)
-    cache, _, trace = prefill(parts, ids, SnapKV(budget=40))
+    cache, _, trace = prefill(adapter, ids, SnapKV(budget=40))
     assert cache.lengths == [40] * 4
-    cache, _, trace = prefill(parts, ids, FastKV(tsp_len=64, budget=64))
+    cache, _, trace = prefill(adapter, ids, FastKV(tsp_len=64, budget=64))
     assert cache.lengths == [40] * 4 and trace.tokens_per_layer == [40] * 4
 
 
 def test_tsp_length_at_least_prompt_drops_nothing():
-    parts = adapter_for(build_tiny("qwen2"))
+    adapter = adapter_for(build_tiny("qwen2"))
     ids = prompt_ids(L)
-    _, _, trace = prefill(parts, ids, FastKV(tsp_len=L, budget=16))
+    _, _, trace = prefill(adapter, ids, FastKV(tsp_len=L, budget=16))
     assert trace.tokens_per_layer == [L] * 4 and not trace.propagated
 
 
 def test_fastkv_defaults_are_the_papers_on_long_prompts():
-    parts = adapter_for(build_tiny("llama", num_hidden_layers=8, max_position_embeddings=4096))
+    adapter = adapter_for(build_tiny("llama", num_hidden_layers=8, max_position_embeddings=4096))
     ids = prompt_ids(3000)
-    cache, _, trace = prefill(parts, ids, FastKV())
+    cache, _, trace = prefill(adapter, ids, FastKV())
     # tsp_layer = 8 // 2 - 1 = 3, tsp_rate 0.2 -> 600 tokens, retain_rate 0.1 -> 300 entries
     assert trace.tokens_per_layer == [3000] * 4 + [600] * 4
     assert cache.lengths == [300] * 8
@@ -138,15 +138,15 @@ def test_default_fastkv_leaves_short_prompts_whole(family, length):
 
 
 def test_floors_of_rate_derived_sizes():
-    parts = adapter_for(build_tiny("qwen2"))
+    adapter = adapter_for(build_tiny("qwen2"))
     ids = prompt_ids(400)
     # 10% of 400 is 40, raised to min_budget; 20% is 80, raised to min_tsp_len (400: no TSP)
-    cache, _, trace = prefill(parts, ids, FastKV(tsp_layer=1))
+    cache, _, trace = prefill(adapter, ids, FastKV(tsp_layer=1))
     assert cache.lengths == [256] * 4 and trace.tokens_per_layer == [400] * 4
-    cache, _, trace = prefill(parts, ids, FastKV(tsp_layer=1, min_budget=100, min_tsp_len=300))
+    cache, _, trace = prefill(adapter, ids, FastKV(tsp_layer=1, min_budget=100, min_tsp_len=300))
     assert cache.lengths == [100] * 4 and trace.tokens_per_layer == [400, 400, 300, 300]
     # explicit counts are taken as given
-    cache, _, trace = prefill(parts, ids, FastKV(tsp_layer=1, budget=40, tsp_len=80))
+    cache, _, trace = prefill(adapter, ids, FastKV(tsp_layer=1, budget=40, tsp_len=80))
     assert cache.lengths == [40] * 4 and trace.tokens_per_layer == [400, 400, 80, 80]
 
 
@@ -176,12 +176,12 @@ def test_invalid_config_raises_naming_the_field(make, field):
 
 
 def test_tsp_layer_outside_the_model_raises():
-    parts = adapter_for(build_tiny("llama"))
+    adapter = adapter_for(build_tiny("llama"))
     with pytest.raises(ValueError, match="tsp_layer=4 is outside the model"):
-        prefill(parts, prompt_ids(L), FastKV(tsp_layer=4))
+        prefill(adapter, prompt_ids(L), FastKV(tsp_layer=4))
 
 
 def test_prompt_longer_than_context_raises():
-    parts = adapter_for(build_tiny("llama", max_position_embeddings=64))
+    adapter = adapter_for(build_tiny("llama", max_position_embeddings=64))
     with pytest.raises(ValueError, match="exceeds the model's context of 64"):
-        prefill(parts, prompt_ids(60), FullKV(), max_new_tokens=8)
+        prefill(adapter, prompt_ids(60), FullKV(), max_new_tokens=8)

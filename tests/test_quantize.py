@@ -80,11 +80,11 @@ def test_the_engine_on_int8_weights_follows_transformers_forward(family):
         ref = out.sequences
         forward = torch.cat(out.logits).float()  # [steps, V]: the logits each of its tokens was chosen from
         unquantized = plain(ids).logits[:, -1].float()
-    parts = adapter_for(model)
-    cache, logits, _ = prefill(parts, ids, FullKV(), max_new_tokens=steps)
+    adapter = adapter_for(model)
+    cache, logits, _ = prefill(adapter, ids, FullKV(), max_new_tokens=steps)
     ours = [logits[0]]
     for t in range(steps - 1):  # fed transformers' tokens, not ours
-        ours.append(decode_step(parts, cache, ref[:, 48 + t], 48 + t)[0])
+        ours.append(decode_step(adapter, cache, ref[:, 48 + t], 48 + t)[0])
     ours = torch.stack(ours)
     tolerance = 0.02 * forward.abs().max()  # bfloat16 activations: 2^-8 per op, over 2 layers' sums
     assert (ours - forward).abs().max() <= tolerance

@@ -24,11 +24,11 @@ SPECS = [
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_shared_prefill_equals_separate_runs(family):
-    parts = adapter_for(build_tiny(family))
+    adapter = adapter_for(build_tiny(family))
     ids = prompt_ids(96, seed=21)
-    together = prefill_many(parts, ids, SPECS, max_new_tokens=3)
+    together = prefill_many(adapter, ids, SPECS, max_new_tokens=3)
     for method, (cache, logits, trace) in zip(SPECS, together, strict=True):
-        ref_cache, ref_logits, ref_trace = prefill(parts, ids, method, max_new_tokens=3)
+        ref_cache, ref_logits, ref_trace = prefill(adapter, ids, method, max_new_tokens=3)
         assert torch.equal(logits, ref_logits), format_spec(method)
         assert trace.tokens_per_layer == ref_trace.tokens_per_layer
         assert equal(trace.propagated, ref_trace.propagated)
@@ -36,8 +36,8 @@ def test_shared_prefill_equals_separate_runs(family):
         assert cache.position_base == ref_cache.position_base
         for step in range(3):
             token = ref_logits.argmax(-1)
-            ref_logits = decode_step(parts, ref_cache, token, ref_cache.position_base + step)
-            logits = decode_step(parts, cache, token, cache.position_base + step)
+            ref_logits = decode_step(adapter, ref_cache, token, ref_cache.position_base + step)
+            logits = decode_step(adapter, cache, token, cache.position_base + step)
             assert torch.equal(logits, ref_logits), (format_spec(method), step)
 
 
@@ -46,7 +46,7 @@ def test_shared_prefill_computes_each_branch_once(monkeypatch):
     its combination with AdaKV (same TSP) share another after layer 1."""
     import fastkv.shared as shared
 
-    parts = adapter_for(build_tiny("qwen2"))
+    adapter = adapter_for(build_tiny("qwen2"))
     methods = [parse(s) for s in ("fullkv", "snapkv(budget=24)", "h2o(budget=24)", "adakv(budget=24)")]
     methods += [
         parse("fastkv(tsp_layer=1, tsp_len=48, budget=24)"),
@@ -60,7 +60,7 @@ def test_shared_prefill_computes_each_branch_once(monkeypatch):
         return real(adapter, i, h, *args, **kwargs)
 
     monkeypatch.setattr(shared, "layer_step", counted)
-    prefill_many(parts, prompt_ids(96), methods)
+    prefill_many(adapter, prompt_ids(96), methods)
     # layers 0-1: one branch of 96 tokens; layers 2-3: the full branch and the TSP branch of 48
     assert calls == [96, 96, 96, 48, 96, 48]
 

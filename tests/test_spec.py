@@ -166,10 +166,10 @@ class Keeps(CachePolicy):
     ],
 )
 def test_the_engine_refuses_bad_token_selections(reducer, message):
-    parts = adapter_for(build_tiny("llama"))
+    adapter = adapter_for(build_tiny("llama"))
     method = Composed(reducer=Returns(make=reducer), policy=Keeps(make=lambda n: None))
     with pytest.raises(ValueError, match=None) as e:
-        prefill(parts, prompt_ids(48), method)
+        prefill(adapter, prompt_ids(48), method)
     assert message in str(e.value) and "returns at layer 1" in str(e.value)
 
 
@@ -183,16 +183,16 @@ def test_the_engine_refuses_bad_token_selections(reducer, message):
     ],
 )
 def test_the_engine_refuses_bad_cache_selections(entries, message):
-    parts = adapter_for(build_tiny("llama"))
+    adapter = adapter_for(build_tiny("llama"))
     method = Composed(reducer=Returns(make=lambda n: None), policy=Keeps(make=entries))
     with pytest.raises(ValueError, match=None) as e:
-        prefill(parts, prompt_ids(48), method)
+        prefill(adapter, prompt_ids(48), method)
     assert message in str(e.value) and "keeps at layer 0" in str(e.value)
 
 
 def test_cache_entries_need_not_be_sorted_and_a_head_order_is_kept():
-    parts = adapter_for(build_tiny("llama"))
+    adapter = adapter_for(build_tiny("llama"))
     order = torch.tensor([[[5, 1, 47], [47, 0, 9]]])
     method = Composed(reducer=Returns(make=lambda n: None), policy=Keeps(make=lambda n: Selection(order)))
-    cache, _, _ = prefill(parts, prompt_ids(48), method)
+    cache, _, _ = prefill(adapter, prompt_ids(48), method)
     assert all(torch.equal(p, order) for p in cache.positions)
