@@ -66,12 +66,13 @@ def bound(methods: list[Method], llm) -> dict[str, Method]:
     return {format_spec(m): m for m in resolved}
 
 
-def load_for_eval(model: str, dtype: str, device: str, quantize: str):
-    """The model, with no calibrated profile in force: evaluations run every method as its spec is written
-    (and labelled), so "fastkv" is the paper's FastKV on every model."""
+def load_for_eval(model: str, dtype: str, device: str, quantize: str, methods: list[Method]):
+    """(the model, its precision label, the methods bound to it by canonical spec). No calibrated profile is
+    in force: evaluations run every method as its spec is written (and labelled), so "fastkv" is the paper's
+    FastKV on every model."""
     llm = load_llm(model, dtype, device, quantize)
     llm.profile = None
-    return llm
+    return llm, precision(dtype, quantize), bound(methods, llm)
 
 
 def show(metrics: dict, out_dir: Path) -> None:
@@ -100,7 +101,8 @@ METHODS_OPT = typer.Option(
 RETAIN = typer.Option(0.1, help="KV budget of every method that has one and does not set it, as a share of the prompt")
 # Evaluations stay in float32 by default, unlike generation ("auto"): the reference precision, so that runs
 # from any machine compare, and the committed runs resume in the precision they began in.
-EVAL_DTYPE_HELP = "float32 (the reference, and the default of committed runs), bfloat16, float16"
+EVAL_DTYPE = typer.Option("float32", help="float32 (the reference, the default of committed runs), bfloat16, float16")
+DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
 EVAL_QUANTIZE = typer.Option("none", help="none (the reference), int8 (int8 weights, with --dtype bfloat16 on CPU)")
 TSP = typer.Option(0.2, help="TSP rate of every method with TSP that does not set it")
 OUT = typer.Option(None, "--out", "-o", help="output directory (default: runs/<suite>)")
@@ -169,9 +171,9 @@ def ruler(
     separate: bool = SEPARATE,
     time_prefill: bool = TIME_PREFILL,
     chat: bool = typer.Option(True, help="apply the chat template"),
-    dtype: str = typer.Option("float32", help=EVAL_DTYPE_HELP),
+    dtype: str = EVAL_DTYPE,
     quantize: str = EVAL_QUANTIZE,
-    device: str = typer.Option("cpu"),
+    device: str = DEVICE,
     ray: str | None = RAY,
     workers: int = WORKERS,
     worker_cpus: float = WORKER_CPUS,
@@ -187,9 +189,7 @@ def ruler(
     lengths = numbers(length, int, "--length")
     count = min(samples, limit) if limit else samples
     built = build_methods(methods, retain_rate, tsp_rate)
-    llm = load_for_eval(model, dtype, device, quantize)
-    dtype_label = precision(dtype, quantize)
-    runs = bound(built, llm)
+    llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built)
     out_path = out_dir or Path("runs") / "ruler"
     config = {
         "suite": "ruler",
@@ -253,9 +253,9 @@ def niah(
     out_dir: Path | None = OUT,
     separate: bool = SEPARATE,
     time_prefill: bool = TIME_PREFILL,
-    dtype: str = typer.Option("float32", help=EVAL_DTYPE_HELP),
+    dtype: str = EVAL_DTYPE,
     quantize: str = EVAL_QUANTIZE,
-    device: str = typer.Option("cpu"),
+    device: str = DEVICE,
     ray: str | None = RAY,
     workers: int = WORKERS,
     worker_cpus: float = WORKER_CPUS,
@@ -267,9 +267,7 @@ def niah(
 
     built = build_methods(methods, retain_rate, tsp_rate)
     grid = [(n, d) for n in numbers(lengths, int, "--lengths") for d in numbers(depths, float, "--depths")]
-    llm = load_for_eval(model, dtype, device, quantize)
-    dtype_label = precision(dtype, quantize)
-    runs = bound(built, llm)
+    llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built)
     out_path = out_dir or Path("runs") / "niah"
     items = []
     for i, (n, d) in enumerate(grid):
@@ -313,9 +311,9 @@ def longbench(
     limit: int | None = LIMIT,
     separate: bool = SEPARATE,
     time_prefill: bool = TIME_PREFILL,
-    dtype: str = typer.Option("float32", help=EVAL_DTYPE_HELP),
+    dtype: str = EVAL_DTYPE,
     quantize: str = EVAL_QUANTIZE,
-    device: str = typer.Option("cpu"),
+    device: str = DEVICE,
     ray: str | None = RAY,
     workers: int = WORKERS,
     worker_cpus: float = WORKER_CPUS,
@@ -333,9 +331,7 @@ def longbench(
             examples += LB.load_task(data_dir, task)[:limit]
         except (ValueError, FileNotFoundError) as e:
             fail(str(e))
-    llm = load_for_eval(model, dtype, device, quantize)
-    dtype_label = precision(dtype, quantize)
-    runs = bound(built, llm)
+    llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built)
     window = llm.adapter.max_positions
     items = []
     for ex in examples:
