@@ -14,10 +14,8 @@ import typer
 
 from ..methods import PARTS, PRESETS
 from ..methods.base import is_sub
-from ..methods.method import knob_fields
+from ..methods.method import in_force
 from ..profiles import PRESET, find
-
-REFERENCE_LAYERS = 32  # any count: knobs resolved per model are shown as their rule, not this count's value
 
 
 def width() -> int:
@@ -41,31 +39,6 @@ def knob_lines(knobs: dict[str, tuple[object, str]], indent: int = 4) -> list[st
     return lines
 
 
-def in_force(part) -> dict[str, object]:
-    """A part's knobs with the values they take: rates as bound, per-model knobs as their rule, counts
-    that are not set as "-" (the rate applies)."""
-    bound = part.bind(REFERENCE_LAYERS)
-    out = {}
-    for k, (_, value, _) in knob_fields(type(bound), bound).items():
-        if k in type(part).auto:
-            value = f"auto ({type(part).auto[k]})"
-        out[k] = "-" if value is None else value
-    return out
-
-
-def preset_knobs(cls, profile: dict | None) -> dict[str, tuple[object, str]]:
-    proto = cls.prototype
-    helps = {k: h for part in (proto.reducer, proto.policy) for k, (_, _, h) in knob_fields(type(part), part).items()}
-    values = {**in_force(proto.policy), **in_force(proto.reducer)}
-    out = {}
-    for f in fields(cls):
-        value = values[f.name]
-        if profile is not None and f.name in profile:
-            value = f"{profile[f.name]} (profile)"
-        out[f.name] = (value, helps[f.name])
-    return out
-
-
 def part_label(part) -> str:
     subs = [getattr(part, f.name).name for f in fields(part) if is_sub(f)]
     return part.name + (f" ({', '.join(subs)})" if subs else "")
@@ -84,7 +57,9 @@ def methods(
         lines += wrapped((cls.__doc__ or "").strip().splitlines()[0], 2, 2)
         if cls.paper:
             lines.append(f"  {cls.paper}")
-        knobs = preset_knobs(cls, profile.knobs if profile is not None and name == PRESET else None)
+        knobs = cls.knobs_in_force()
+        if profile is not None and name == PRESET:
+            knobs.update({k: (f"{v} (profile)", knobs[k][1]) for k, v in profile.knobs.items() if k in knobs})
         lines += knob_lines(knobs) if knobs else ["    (no knobs)"]
         lines.append("")
     lines += ["PARTS  (any reducer combines with any cache policy: REDUCER+POLICY)", ""]
@@ -93,8 +68,7 @@ def methods(
             lines += wrapped(f"{kind} {name}: {(part_cls.__doc__ or '').strip().splitlines()[0]}", 0, 2)
             subs = {f.name: ("|".join(PARTS[f.metadata["kind"]]), f.metadata["help"]) for f in fields(part_cls)
                     if is_sub(f)}  # fmt: skip
-            helps = {k: h for k, (_, _, h) in knob_fields(part_cls).items()}
-            knobs = {**subs, **{k: (v, helps[k]) for k, v in in_force(part_cls()).items()}}
+            knobs = {**subs, **in_force(part_cls())}
             lines += knob_lines(knobs) if knobs else ["    (no knobs)"]
     lines.append("")
     if model is not None:

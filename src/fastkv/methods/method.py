@@ -78,6 +78,21 @@ def shape(part: Part) -> tuple:
     return (type(part), *(shape(getattr(part, f.name)) for f in fields(part) if is_sub(f)))
 
 
+REFERENCE_LAYERS = 32  # any count: `in_force` shows knobs resolved per model as their rule, not this count's value
+
+
+def in_force(part: Part) -> dict[str, tuple[Any, str]]:
+    """knob -> (the value it takes when left unset, its help): rates as `bind` resolves them, knobs resolved
+    per model as their rule ("auto (layers//2-1)"), counts that stay unset (a rate applies) as "-"."""
+    bound = part.bind(REFERENCE_LAYERS)
+    out = {}
+    for k, (_, value, help) in knob_fields(type(bound), bound).items():
+        if k in type(part).auto:
+            value = f"auto ({type(part).auto[k]})"
+        out[k] = ("-" if value is None else value, help)
+    return out
+
+
 def knob_fields(part_cls: type[Part], like: Part | None = None) -> dict[str, tuple[Any, Any, str]]:
     """name -> (type, default, help) of a part's knobs, flattened over its sub-parts (not their names)."""
     hints = typing.get_type_hints(part_cls)
@@ -131,6 +146,12 @@ class Preset(Method):
     @property
     def policy(self) -> CachePolicy:
         return self._parts.policy
+
+    @classmethod
+    def knobs_in_force(cls) -> dict[str, tuple[Any, str]]:
+        """Each knob (in field order) with the value it takes when left unset and its help (`in_force`)."""
+        found = {**in_force(cls.prototype.policy), **in_force(cls.prototype.reducer)}
+        return {f.name: found[f.name] for f in fields(cls)}
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
