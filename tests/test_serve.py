@@ -219,3 +219,27 @@ def test_replica_metrics_merge_into_one_family_per_name_labelled_by_replica():
     assert series['fastkv_requests_total{replica="r2",status="200"}'] == 5
     assert series['fastkv_requests_total{replica="r2",status="429"}'] == 1
     assert series['fastkv_running_requests{replica="r1"}'] == 2 and series['fastkv_running_requests{replica="r2"}'] == 0
+
+
+def test_a_chat_turn_reuses_the_previous_turns_prefix(tiny_dir):
+    """Two turns through the openai client: the second shares the first's prompt through the chat template, so
+    it reports the tokens it took from the store, and it answers as a fresh prefill of its prompt does."""
+    llm = LLM.load(str(tiny_dir), dtype="float32", progress=False)
+    method = "fastkv(tsp_layer=1, tsp_len=128, budget=64)"
+    server = Live(llm, method=method, kv_mib=64, prefix_cache_mib=32)
+    try:
+        first = [{"role": "user", "content": question(7) * 3}]
+        one = server.client.chat.completions.create(model="tiny", messages=first, max_tokens=6, temperature=0)
+        second = [*first, {"role": "assistant", "content": one.choices[0].message.content},
+                  {"role": "user", "content": "And the last item?"}]  # fmt: skip
+        two = server.client.chat.completions.create(model="tiny", messages=second, max_tokens=6, temperature=0)
+        assert one.model_extra["fastkv"]["prefix_tokens_reused"] == 0
+        reused = two.model_extra["fastkv"]["prefix_tokens_reused"]
+        assert reused >= one.usage.prompt_tokens - 64  # all of turn 1 but what falls in the last block
+        assert server.metric("fastkv_prefix_hits_total") == 1 and server.metric("fastkv_prefix_misses_total") == 1
+        assert server.metric("fastkv_prefix_tokens_reused_total") == reused
+        assert 0 < server.metric("fastkv_prefix_store_bytes") <= 32 * 2**20
+        fresh = LLM.load(str(tiny_dir), dtype="float32", progress=False)  # no store: a fresh prefill
+        assert two.choices[0].message.content == fresh.generate(second, method, max_tokens=6, chat=True).text
+    finally:
+        server.close()

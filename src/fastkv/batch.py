@@ -21,6 +21,7 @@ from .cache import KVCache, keep_rows, merge
 from .engine import decode_step, prefill
 from .methods import Method, format_spec
 from .methods.base import PrefillTrace
+from .prefix import PrefixStore
 from .results import GenerationResult, GenerationStats
 from .sampling import SamplingParams, Transcript, eos_ids, sample
 
@@ -43,16 +44,30 @@ class Prefilled:
     trace: PrefillTrace
     seconds: float
     shared_by: int = 1
+    reused: int = 0  # prompt tokens taken from the prefix store
 
 
 def prefill_prompt(
-    adapter: Adapter, ids: list[int], method: Method, max_new_tokens: int, chunk_size: int | None = None, on_layer=None
+    adapter: Adapter,
+    ids: list[int],
+    method: Method,
+    max_new_tokens: int,
+    chunk_size: int | None = None,
+    on_layer=None,
+    prefix_cache: PrefixStore | None = None,
 ) -> Prefilled:
-    """Prefill one prompt's token ids under a bound method, timed: what decoding starts from."""
+    """Prefill one prompt's token ids under a bound method, timed: what decoding starts from. With a prefix
+    store, from the longest stored prefix of the prompt, and what it computes is kept for later prompts."""
     start = clock(adapter.device)
     input_ids = torch.tensor([list(ids)], device=adapter.device)
-    cache, logits, trace = prefill(adapter, input_ids, method, max_new_tokens, on_layer=on_layer, chunk_size=chunk_size)
-    return Prefilled(method, len(ids), cache, logits, trace, clock(adapter.device) - start)
+    reused = 0
+    if prefix_cache is not None:
+        cache, logits, trace, reuse = prefix_cache.prefill(adapter, input_ids, method, max_new_tokens, chunk_size,
+                                                           on_layer)  # fmt: skip
+        reused = reuse.tokens
+    else:
+        cache, logits, trace = prefill(adapter, input_ids, method, max_new_tokens, on_layer, chunk_size)
+    return Prefilled(method, len(ids), cache, logits, trace, clock(adapter.device) - start, reused=reused)
 
 
 @dataclass
@@ -89,6 +104,7 @@ class Row:
                 kv_bytes=self.kv[0],
                 kv_bytes_full=self.kv[1],
                 prefill_shared_by=p.shared_by,
+                prefix_tokens_reused=p.reused,
             ),
         )
 

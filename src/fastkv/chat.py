@@ -27,8 +27,15 @@ def encode_rendered(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[int], chat: bool) -> list[int]:
-    """Token ids of a prompt: token ids as they are, text under the chat template (chat=True) or as it is."""
+def is_conversation(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(m, dict) for m in prompt)
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int] | Messages, chat: bool) -> list[int]:
+    """Token ids of a prompt: token ids as they are, a conversation (OpenAI-style messages) under the chat
+    template, text under the chat template (chat=True) or as it is."""
+    if is_conversation(prompt):
+        return encode_rendered(tokenizer, render_chat(tokenizer, prompt))
     if not isinstance(prompt, str):
         return list(prompt)
     if chat:

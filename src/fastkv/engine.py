@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .adapters import Adapter
 from .cache import KVCache
 from .methods import CachePolicy, LayerState, Method, Reducer, Selection
-from .methods.base import Pass, PrefillTrace
+from .methods.base import NotReusable, Pass, PrefillTrace
 
 # Check the values of every selection a part returns (range, order, repeats), not only its shape. On a CPU
 # this costs nothing; on a GPU it reads back to the host twice per layer, so it is off there unless asked
@@ -136,6 +136,8 @@ def layer_step(
     chunk_size: int | None = None,
     past: Past | None = None,
     last: bool = False,
+    past_mid: torch.Tensor | None = None,
+    keep_mid: Callable[[torch.Tensor], None] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run layer i over the tokens present: h [B, n, D] at positions pos [B, n] (after `past`, see open_layer).
 
@@ -144,6 +146,11 @@ def layer_step(
     The attention runs once for all of them, over chunks of chunk_size queries (queries [s, e) attend to keys
     [0, e)); the MLP runs per token, so only on the tokens that continue. last: only the last token's output
     is needed (the model's last layer).
+
+    With `past`, a selection indexes every token present, earlier ones included, so it needs their residuals
+    after this layer's attention (`past_mid` [B, p, D], as stored); None (every token continues) continues
+    h's own tokens, the earlier ones staying past. keep_mid(mid) receives the residual after attention, before
+    the MLP, of every token present (earlier ones first, where given): what a prefix store keeps.
     """
     state = open_layer(adapter, i, h, pos, prompt_len, past)
     selections = decide(state) if decide is not None else [None]
@@ -151,12 +158,20 @@ def layer_step(
         return []
     layer = adapter.layers[i]
     out = attend(adapter, layer, h, state.q, state.k, state.v, last=last, chunk_size=chunk_size)
+    every, every_pos = out, pos  # the residual of every token present, and their positions
+    if past_mid is not None:
+        every, every_pos = torch.cat([past_mid, out], dim=1), state.positions
+    if keep_mid is not None:
+        keep_mid(every)
     steps = []
     for selected in selections:
-        if selected is not None:
-            hs, ps = out.gather(1, selected.unsqueeze(-1).expand(-1, -1, out.shape[-1])), pos.gather(1, selected)
-        else:
+        if selected is None:
             hs, ps = out, pos
+        elif every.shape[1] != state.present:
+            raise ValueError(f"layer {i}: a selection among earlier tokens needs their residuals (past_mid)")
+        else:
+            index = selected.unsqueeze(-1).expand(-1, -1, out.shape[-1])
+            hs, ps = every.gather(1, index), every_pos.gather(1, selected)
         steps.append((feed_forward(layer, hs, chunk_size), ps))
     return steps
 
@@ -239,25 +254,80 @@ def logits_of(adapter: Adapter, h: torch.Tensor) -> torch.Tensor:
 
 # -- prefill ---------------------------------------------------------------------------------------------
 @dataclass
+class Prefix:
+    """What a prefix store (`fastkv.prefix`) holds of a prompt's first `length` tokens: their K/V in layers
+    0..len(keys)-1 ([B, Hkv, >= length, d], after RoPE) and, at some layers, their residuals after that
+    layer's attention, before its MLP ([B, >= length, D]). Causal attention makes all of it the same whatever
+    follows those tokens, so a pass over a longer prompt may start from it."""
+
+    length: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mids: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def past(self, i: int) -> Past:
+        if i >= len(self.keys):
+            raise NotReusable(f"the stored prefix holds layers 0..{len(self.keys) - 1}; layer {i} needs every token")
+        p, k = self.length, self.keys[i]
+        return k[:, :, :p], self.values[i][:, :, :p], torch.arange(p, device=k.device).expand(k.shape[0], p)
+
+    def mid(self, i: int) -> torch.Tensor | None:
+        return self.mids[i][:, : self.length] if i in self.mids else None
+
+
+@dataclass
+class Recording:
+    """What a pass computes over the whole prompt, for a prefix store: the K/V of every layer that still sees
+    every token, and the residuals after attention (before the MLP) at the layer whose reducer selects and at
+    `mid_layers` (where another method would select)."""
+
+    mid_layers: frozenset[int] = frozenset()
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    mids: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class Runner:
-    """`Passes` over one model: what `prefill` gives the method's reducer."""
+    """`Passes` over one model: what `prefill` gives the method's reducer. Passes over `prompt` itself (not
+    a rerun on other tokens) start from `prefix` and fill `record`, where given."""
 
     adapter: Adapter
     max_new_tokens: int = 0
     chunk_size: int | None = None
     on_layer: Callable[[int], None] | None = None
+    prompt: torch.Tensor | None = None
+    prefix: Prefix | None = None
+    record: Recording | None = None
+
+    def _own(self, input_ids: torch.Tensor) -> tuple[Prefix | None, Recording | None]:
+        return (self.prefix, self.record) if input_ids is self.prompt else (None, None)
 
     def run(self, input_ids: torch.Tensor, reducer: Reducer, policy: CachePolicy) -> Pass:
-        return run_pass(self.adapter, input_ids, reducer, policy, self.max_new_tokens, self.on_layer, self.chunk_size)
+        prefix, record = self._own(input_ids)
+        return run_pass(self.adapter, input_ids, reducer, policy, self.max_new_tokens, self.on_layer,
+                        self.chunk_size, prefix, record)  # fmt: skip
 
     def look(self, input_ids: torch.Tensor, layer: int) -> LayerState:
+        prefix, record = self._own(input_ids)
         adapter, (b, n) = self.adapter, input_ids.shape
-        h, pos = adapter.embed(input_ids), torch.arange(n, device=input_ids.device).expand(b, n)
+        p = prefix.length if prefix is not None else 0
+        h, pos = adapter.embed(input_ids[:, p:]), torch.arange(p, n, device=input_ids.device).expand(b, n - p)
+
+        def keep(state: LayerState) -> list[None]:
+            if record is not None:
+                record.keys.append(state.k)
+                record.values.append(state.v)
+            return [None]
+
         for i in range(layer):
-            ((h, pos),) = layer_step(adapter, i, h, pos, n, chunk_size=self.chunk_size)
+            past = prefix.past(i) if p else None
+            ((h, pos),) = layer_step(adapter, i, h, pos, n, keep, self.chunk_size, past)
             if self.on_layer is not None:
                 self.on_layer(i)
-        return open_layer(adapter, layer, h, pos, n)
+        state = open_layer(adapter, layer, h, pos, n, prefix.past(layer) if p else None)
+        keep(state)
+        return state
 
 
 @torch.inference_mode()
@@ -268,6 +338,8 @@ def prefill(
     max_new_tokens: int = 0,
     on_layer: Callable[[int], None] | None = None,
     chunk_size: int | None = None,
+    prefix: Prefix | None = None,
+    record: Recording | None = None,
 ) -> tuple[KVCache, torch.Tensor, PrefillTrace]:
     """Run the prompt input_ids [B, L] through the model under `method`.
 
@@ -275,11 +347,18 @@ def prefill(
     prompt token [B, V], and a trace. `on_layer(i)` is called after each layer (for progress bars).
     chunk_size: attend and run the MLP over at most this many queries at a time (`attend`, `feed_forward`),
     so that activations beyond q, k, v grow with the prompt, not with chunk x prompt; None: all at once.
+    prefix: start from the stored state of the prompt's first tokens (`Prefix`): only the later tokens run
+    through the layers that see every token, attending to the stored K/V; every selection is made over all
+    tokens, as a fresh prefill makes it. `NotReusable` when the method needs what the prefix lacks.
+    record: fill it with what the prefix store keeps of this prompt (`Recording`).
     """
     check_prompt(adapter, input_ids.shape[1], max_new_tokens)
     check_chunk(chunk_size)
+    if prefix is not None and not 0 < prefix.length < input_ids.shape[1]:
+        raise ValueError(f"a stored prefix of {prefix.length} tokens cannot start a prompt of {input_ids.shape[1]}")
     method = method.bind(adapter.num_layers)
-    done = method.reducer.prefill(Runner(adapter, max_new_tokens, chunk_size, on_layer), input_ids, method.policy)
+    runner = Runner(adapter, max_new_tokens, chunk_size, on_layer, input_ids, prefix, record)
+    done = method.reducer.prefill(runner, input_ids, method.policy)
     return done.cache, done.logits, done.trace
 
 
@@ -291,27 +370,46 @@ def run_pass(
     max_new_tokens: int = 0,
     on_layer: Callable[[int], None] | None = None,
     chunk_size: int | None = None,
+    prefix: Prefix | None = None,
+    record: Recording | None = None,
 ) -> Pass:
-    """One pass over the layers on input_ids [B, n] at positions 0..n-1."""
+    """One pass over the layers on input_ids [B, n] at positions 0..n-1 (after `prefix`, see `prefill`)."""
     b, n = input_ids.shape
-    pos = torch.arange(n, device=input_ids.device).expand(b, n)
+    p = prefix.length if prefix is not None else 0
+    pos = torch.arange(p, n, device=input_ids.device).expand(b, n - p)
     cache = KVCache(prompt_len=n, max_new_tokens=max_new_tokens, position_base=n)
     trace = PrefillTrace(prompt_len=n)
     last = adapter.num_layers - 1
 
-    h = adapter.embed(input_ids)
+    h = adapter.embed(input_ids[:, p:])
+    whole = True  # every prompt token is still present (the first p of them as stored state)
     for i in range(adapter.num_layers):
-        trace.tokens_per_layer.append(h.shape[1])
+        reusing = p > 0 and whole
+        past, past_mid = (prefix.past(i), prefix.mid(i)) if reusing else (None, None)
+        chosen: list[torch.Tensor | None] = []
 
-        def decide(state: LayerState, i=i) -> list[torch.Tensor | None]:
+        def decide(state: LayerState, i=i, reusing=reusing, past_mid=past_mid, chosen=chosen, whole=whole):
+            trace.tokens_per_layer.append(state.present)
             # After the last layer nothing is left to propagate to.
             selected = chosen_tokens(reducer, state) if i < last else None
             if selected is not None:
+                if reusing and past_mid is None:
+                    raise NotReusable(f"{reducer.name} selects at layer {i}, where the prefix holds no residuals")
                 trace.propagated[i] = state.positions.gather(1, selected)
             store(cache, state, policy)
+            if record is not None and whole:
+                record.keys.append(state.k)
+                record.values.append(state.v)
+            chosen.append(selected)
             return [selected]
 
-        ((h, pos),) = layer_step(adapter, i, h, pos, n, decide, chunk_size, last=i == last)
+        def keep_mid(mid: torch.Tensor, i=i, chosen=chosen) -> None:
+            if i < last and (chosen[0] is not None or i in record.mid_layers):
+                record.mids[i] = mid
+
+        keep = keep_mid if record is not None and whole and (not reusing or past_mid is not None) else None
+        ((h, pos),) = layer_step(adapter, i, h, pos, n, decide, chunk_size, past, i == last, past_mid, keep)
+        whole = whole and chosen[0] is None
         if on_layer is not None:
             on_layer(i)
     return Pass(cache, logits_of(adapter, h), trace)

@@ -12,8 +12,9 @@ import torch
 
 from .adapters import adapter_for
 from .batch import DecodeBatch, Prefilled, clock, decode_alone, prefill_prompt
-from .chat import encode_prompt
+from .chat import encode_prompt, is_conversation
 from .methods import FastKV, Method, parse
+from .prefix import PrefixStore
 from .results import GenerationResult
 from .sampling import SamplingParams
 from .shared import prefill_many
@@ -30,6 +31,7 @@ def stream(
     on_layer: Callable[[int], None] | None = None,
     prefill_chunk: int | None = None,
     compile: bool = False,
+    prefix_cache: PrefixStore | None = None,
     **options,
 ) -> Iterator[str]:
     """Yield the generated text piece by piece; the generator's return value is a GenerationResult.
@@ -39,12 +41,13 @@ def stream(
     chat: apply the tokenizer's chat template. on_layer(i): prefill progress.
     prefill_chunk: queries per attention and MLP chunk in prefill, to bound its memory (`prefill`).
     compile: decode under torch.compile (the first call compiles, for tens of seconds).
+    prefix_cache: start from the longest prefix of the prompt stored there, and store this one (`fastkv.prefix`).
     """
     params = SamplingParams.of(sampling, options)
     adapter = adapter_for(model)
     method = parse(method if method is not None else FastKV()).bind(adapter.num_layers)
     ids = encode_prompt(tokenizer, prompt, chat)
-    prefilled = prefill_prompt(adapter, ids, method, params.max_tokens, prefill_chunk, on_layer)
+    prefilled = prefill_prompt(adapter, ids, method, params.max_tokens, prefill_chunk, on_layer, prefix_cache)
     return (yield from decode_alone(model, tokenizer, prefilled, params, compile))
 
 
@@ -113,6 +116,7 @@ def generate_batch(
     prefill_chunk: int | None = None,
     compile: bool = False,
     on_result: Callable[[int, GenerationResult], None] | None = None,
+    prefix_cache: PrefixStore | None = None,
     **options,
 ) -> list[GenerationResult]:
     """One result per prompt, in order: each prompt prefilled alone, then all decoded as one ragged batch.
@@ -134,7 +138,8 @@ def generate_batch(
             on_result(index, result)
 
     for index, ids in enumerate(encoded):
-        done = batch.join(index, prefill_prompt(adapter, ids, method, params.max_tokens, prefill_chunk), params)
+        prefilled = prefill_prompt(adapter, ids, method, params.max_tokens, prefill_chunk, None, prefix_cache)
+        done = batch.join(index, prefilled, params)
         if done is not None:
             finished(index, done)
     while batch.rows:
@@ -144,5 +149,11 @@ def generate_batch(
 
 
 def is_batch(prompt) -> bool:
-    """A list of prompts (texts or token-id lists), not one prompt given as token ids."""
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
+    """A list of prompts (texts, token-id lists or conversations), not one prompt given as token ids or as a
+    conversation (messages)."""
+    return (
+        isinstance(prompt, (list, tuple))
+        and len(prompt) > 0
+        and not isinstance(prompt[0], int)
+        and not is_conversation(prompt)
+    )

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from .adapters import adapter_for
 from .generate import generate, generate_batch, generate_many, is_batch, stream
 from .methods import Method, parse
+from .prefix import PrefixStore
 from .profiles import PRESET, Profile, find
 from .results import GenerationResult
 from .sampling import SamplingParams
@@ -23,10 +24,26 @@ class LLM:
     force. `llm.profile = None` gives the paper's defaults instead.
     """
 
-    def __init__(self, model, tokenizer, name: str = "") -> None:
+    def __init__(self, model, tokenizer, name: str = "", prefix_cache_mib: float = 0) -> None:
+        """prefix_cache_mib: memory for a prefix store (`fastkv.prefix`): prompts that share a prefix with an
+        earlier one (a document asked again, a chat's next turn) start from its stored state; 0: none."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.adapter = adapter_for(model)  # fail early on an unsupported family
         self.profile: Profile | None = find(name)
+        self.prefix_cache: PrefixStore | None = None
+        self.use_prefix_cache(prefix_cache_mib)
+
+    def use_prefix_cache(self, mib: float) -> PrefixStore | None:
+        """A new prefix store of `mib` MiB (0: none). Its entries keep residuals where the default FastKV
+        propagates, so that a FastKV follow-up can continue from any method's entry."""
+        if isinstance(mib, bool) or not isinstance(mib, (int, float)) or not mib >= 0:
+            raise ValueError(f"prefix_cache_mib must be a number >= 0, got {mib!r}")
+        self.prefix_cache = None
+        if mib > 0:
+            tsp_layer = getattr(self.resolve()[0].reducer, "tsp_layer", None)
+            mids = frozenset() if tsp_layer is None else frozenset({tsp_layer})
+            self.prefix_cache = PrefixStore(int(mib * 2**20), mids)
+        return self.prefix_cache
 
     @classmethod
     def load(
@@ -36,6 +53,7 @@ class LLM:
         device: str = "cpu",
         progress: bool = True,
         quantize: str = "auto",
+        prefix_cache_mib: float = 0,
     ) -> LLM:
         """A model by name (`fastkv.models.load`), by default in the device's dtype with int8 weights where
         they decode faster (bfloat16 on CPU; `quantize="none"` keeps the dtype's weights)."""
@@ -43,7 +61,7 @@ class LLM:
 
         name = name or DEFAULT_MODEL
         model, tokenizer = load(name, dtype=dtype, device=device, progress=progress, quantize=quantize)
-        return cls(model, tokenizer, name)
+        return cls(model, tokenizer, name, prefix_cache_mib)
 
     @property
     def precision(self) -> str:
@@ -79,7 +97,7 @@ class LLM:
         chosen, source = self.resolve(method)
         many = is_batch(prompt)
         run = generate_batch if many else generate
-        results = run(self.model, self.tokenizer, prompt, chosen, sampling, **options)
+        results = run(self.model, self.tokenizer, prompt, chosen, sampling, prefix_cache=self.prefix_cache, **options)
         for result in results if many else [results]:
             result.stats.defaults = source
         return results
@@ -89,6 +107,7 @@ class LLM:
     ) -> Iterator[str]:
         """The text piece by piece (`fastkv.generate.stream`); the generator's return value is the result."""
         chosen, source = self.resolve(method)
+        options.setdefault("prefix_cache", self.prefix_cache)
         result = yield from stream(self.model, self.tokenizer, prompt, chosen, sampling, **options)
         result.stats.defaults = source
         return result

@@ -21,6 +21,7 @@ class GenerationStats:
     kv_bytes_full: int  # bytes an uncompressed cache of the prompt takes
     prefill_shared_by: int = 1  # methods that one shared prefill served (generate_many); its time is theirs
     defaults: str = ""  # where FastKV's defaults came from: "paper", or the model's calibrated profile
+    prefix_tokens_reused: int = 0  # prompt tokens whose prefill state came from the prefix store
 
     @property
     def decode_tokens_per_s(self) -> float:

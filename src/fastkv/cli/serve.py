@@ -16,7 +16,10 @@ def serve(
     method: str = typer.Option("fastkv", "--method", help="the default method spec of requests"),
     host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)"),
     port: int = typer.Option(8000),
-    kv_mib: float = typer.Option(2048, help="memory for the decode batch's KV caches, MiB"),
+    kv_mib: float = typer.Option(2048, help="memory for the decode batch's KV caches and stored prefixes, MiB"),
+    prefix_cache_mib: float = typer.Option(
+        1024, help="most memory for stored prefixes (follow-ups on a prompt reuse its prefill), MiB; 0: none"
+    ),
     max_batch: int = typer.Option(16, help="most requests decoding at once"),
     max_queue: int = typer.Option(64, help="most requests waiting; more get 429"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
@@ -50,10 +53,13 @@ def serve(
     for option, value in (("--kv-mib", kv_mib), ("--max-batch", max_batch), ("--max-queue", max_queue)):
         if value <= 0:
             fail(f"{option} must be positive, got {value}")
+    if prefix_cache_mib < 0:
+        fail(f"--prefix-cache-mib must be >= 0, got {prefix_cache_mib}")
     if ray:
         from ..serve.ray_app import ReplicaOptions, Scaling
 
-        options = ReplicaOptions(model, method, dtype, device, kv_mib, max_batch, max_queue, compile, quantize=quantize)
+        options = ReplicaOptions(model, method, dtype, device, kv_mib, max_batch, max_queue, compile, quantize=quantize,
+                                 prefix_cache_mib=prefix_cache_mib)  # fmt: skip
         scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing, replica_cpus, replica_gpus)
         serve_on_ray(options, scaling, host, port, ray_address)
         return
@@ -63,7 +69,8 @@ def serve(
 
     llm = load_llm(model, dtype, device, quantize)
     try:
-        application = create_app(llm, model, method, kv_mib, max_batch, max_queue, compile=compile)
+        application = create_app(llm, model, method, kv_mib, max_batch, max_queue, compile=compile,
+                                 prefix_cache_mib=prefix_cache_mib)  # fmt: skip
     except ValueError as e:
         fail(f"--method: {e}")
     uvicorn.run(application, host=host, port=port, log_level="info")

@@ -67,10 +67,16 @@ class Selection:
         return cls(indices.unsqueeze(1))
 
 
+class NotReusable(Exception):
+    """A layer continued from a prefix store lacks what a part needs (queries of stored tokens, residuals at a
+    layer that reduces): the prompt must be prefilled fresh."""
+
+
 @dataclass
 class LayerState:
-    """What a part sees of one layer during prefill: q [B, Hq, n, d] and k, v [B, Hkv, n, d] of the n tokens
-    present, q and k after RoPE, and their original positions [B, n]."""
+    """What a part sees of one layer during prefill: q [B, Hq, m, d] and k, v [B, Hkv, n, d] of the n tokens
+    present, q and k after RoPE, and their original positions [B, n]. q holds the last m <= n tokens'
+    queries: all of them, except where earlier tokens' K/V come from a prefix store."""
 
     index: int
     num_layers: int
@@ -89,6 +95,9 @@ class LayerState:
     def scores(self, scorer: Scorer) -> torch.Tensor:
         """scorer(q, k, scale), computed once per layer for equal scorers."""
         if scorer not in self._scores:
+            need = scorer.queries_needed(self.present)
+            if self.q.shape[2] < need:
+                raise NotReusable(f"{scorer.name} scores with {need} queries; {self.q.shape[2]} were computed")
             self._scores[scorer] = scorer(self.q, self.k, self.scale)
         return self._scores[scorer]
 
@@ -239,6 +248,10 @@ class Scorer(Part):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         raise NotImplementedError
+
+    def queries_needed(self, present: int) -> int:
+        """How many of the last tokens' queries it scores with, of `present` tokens (the window by default)."""
+        return self.window_size
 
 
 @dataclass(frozen=True, kw_only=True)

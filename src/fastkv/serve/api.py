@@ -187,6 +187,7 @@ def stats(result: GenerationResult, source: str) -> dict:
         "decode_seconds": round(s.decode_seconds, 4),
         "kv_bytes": s.kv_bytes,
         "kv_bytes_full": s.kv_bytes_full,
+        "prefix_tokens_reused": s.prefix_tokens_reused,
     }
 
 
@@ -249,12 +250,16 @@ async def answer(served: Served, request: Request, body: Sampling):
 # -- the app ---------------------------------------------------------------------------------------------
 def create_app(llm, name: str, method: str, kv_mib: float, max_batch: int = 16, max_queue: int = 64,
                compile: bool = False, replica: str | None = None,
-               metrics_body: Callable[[], Awaitable[bytes]] | None = None) -> FastAPI:  # fmt: skip
+               metrics_body: Callable[[], Awaitable[bytes]] | None = None,
+               prefix_cache_mib: float | None = None) -> FastAPI:  # fmt: skip
     """The app serving `llm` as model `name`, with `method` as the default spec.
 
     replica: this server's name among replicas (Ray Serve), shown by /health; metrics_body: what /metrics
     answers instead of this server's own registry (Ray Serve: every replica's, labelled by replica).
+    prefix_cache_mib: the prefix store's bound (0: none; None: the llm's own store, if it has one).
     """
+    if prefix_cache_mib is not None:
+        llm.use_prefix_cache(prefix_cache_mib)
     metrics = Metrics()
     scheduler = Scheduler(llm, int(kv_mib * 2**20), max_batch, max_queue, metrics, compile=compile)
     served = Served(llm, name, scheduler, metrics, llm.resolve(method))  # a bad default fails here, at start

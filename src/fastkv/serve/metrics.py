@@ -18,8 +18,15 @@ class Metrics:
         self.kv_bytes = Gauge("fastkv_kv_cache_bytes", "bytes of the decode batch's K/V buffers", registry=r)
         self.queue_seconds = Histogram("fastkv_queue_seconds", "time from arrival to prefill", registry=r)
         self.prefill_seconds = Histogram("fastkv_prefill_seconds", "prefill time per request", registry=r)
+        self.prefix_hits = Counter("fastkv_prefix_hits", "prompts that started from a stored prefix", registry=r)
+        self.prefix_misses = Counter("fastkv_prefix_misses", "prompts that started from none", registry=r)
+        self.prefix_tokens = Counter("fastkv_prefix_tokens_reused", "prompt tokens taken from the store", registry=r)
+        self.prefix_bytes = Gauge("fastkv_prefix_store_bytes", "bytes held by the prefix store", registry=r)
 
     def finished(self, result) -> None:
-        self.tokens.inc(result.stats.new_tokens)
-        self.prompt_tokens.inc(result.stats.prompt_tokens)
-        self.prefill_seconds.observe(result.stats.prefill_seconds)
+        s = result.stats
+        self.tokens.inc(s.new_tokens)
+        self.prompt_tokens.inc(s.prompt_tokens)
+        self.prefill_seconds.observe(s.prefill_seconds)
+        (self.prefix_hits if s.prefix_tokens_reused else self.prefix_misses).inc()
+        self.prefix_tokens.inc(s.prefix_tokens_reused)

@@ -42,6 +42,7 @@ class ReplicaOptions:
     compile: bool = False
     threads: int | None = None  # torch threads per replica (default: its CPUs)
     quantize: str = "auto"
+    prefix_cache_mib: float = 1024
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def build_app(options: ReplicaOptions):
     name = serve.get_replica_context().replica_id.unique_id
     llm = LLM.load(options.model, dtype=options.dtype, device=options.device, progress=False, quantize=options.quantize)
     app = create_app(llm, options.model, options.method, options.kv_mib, options.max_batch, options.max_queue,
-                     options.compile, replica=name, metrics_body=all_replicas_metrics)  # fmt: skip
+                     options.compile, replica=name, metrics_body=all_replicas_metrics,
+                     prefix_cache_mib=options.prefix_cache_mib)  # fmt: skip
     _REPLICA.update(name=name, metrics=app.state.metrics)
     return app
 

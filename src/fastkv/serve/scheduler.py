@@ -4,11 +4,16 @@ One thread owns the model. Each turn of its loop it
 1. drops cancelled requests (a client that went away) from the queue or the batch, freeing their cache;
 2. admits the request at the head of the queue if the batch has a free row and its cache fits in the
    memory left (`fastkv.cache.merged_bytes`: the batch's caches after the join, from the policy's bound on
-   entries per layer, known before prefill), then prefills it alone and lets it join the running batch;
+   entries per layer, known before prefill), then prefills it alone (from the longest stored prefix of its
+   prompt, with a prefix store) and lets it join the running batch;
 3. runs one decode step for every running request.
 So a long prefill pauses the running streams for that one prefill, never longer: between two prefills
 there is always a decode step. Requests wait in a bounded queue, first come first served (a large request
 at the head is not overtaken, so it cannot starve); a full queue refuses new ones (`QueueFull`).
+
+The prefix store (`llm.prefix_cache`, bounded by itself) shares the KV memory with the batch: a request
+that fits only without some stored prefixes evicts them, least recently used first, so requests always
+outrank cached prefixes; the store never holds more than the memory the batch leaves.
 
 Results travel to the asyncio side through each job's queue of events: ("text", piece), then
 ("done", GenerationResult) or ("error", message).
@@ -125,7 +130,17 @@ class Scheduler:
         if not self.queue or len(self.batch.rows) >= self.max_batch:
             return None
         head = self.queue[0]
-        return head if merged_bytes(self.batch.cache, head.need, self.entry_bytes) <= self.kv_limit else None
+        need = merged_bytes(self.batch.cache, head.need, self.entry_bytes)
+        if need > self.kv_limit:
+            return None
+        self._fit_store(need)
+        return head
+
+    def _fit_store(self, batch_bytes: int) -> None:
+        """Evict stored prefixes until they fit in the memory that `batch_bytes` of caches leave."""
+        store = self.llm.prefix_cache
+        if store is not None and batch_bytes + store.bytes > self.kv_limit:
+            store.evict(batch_bytes + store.bytes - self.kv_limit)
 
     def _run(self) -> None:
         while True:
@@ -158,8 +173,10 @@ class Scheduler:
     def _prefill(self, job: Job) -> None:
         if self.metrics:
             self.metrics.queue_seconds.observe(time.perf_counter() - job.queued_at)
-        done = prefill_prompt(self.adapter, job.ids, job.method, job.params.max_tokens)
+        done = prefill_prompt(self.adapter, job.ids, job.method, job.params.max_tokens,
+                              prefix_cache=self.llm.prefix_cache)  # fmt: skip
         result = self.batch.join(job.id, done, job.params)
+        self._fit_store(self.kv_bytes_now())  # what this prefill stored, within what the batch leaves
         if result is not None:
             self._finish(job, result)
 
@@ -195,3 +212,5 @@ class Scheduler:
             self.metrics.running.set(len(self.batch.rows))
             self.metrics.queued.set(len(self.queue))
             self.metrics.kv_bytes.set(self.kv_bytes_now())
+            store = self.llm.prefix_cache
+            self.metrics.prefix_bytes.set(store.bytes if store is not None else 0)

@@ -31,3 +31,6 @@ class AccumulatedAttention(Scorer):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         return accumulated_scores(q, k, scale, self.chunk_mib)[..., : -self.window_size]
+
+    def queries_needed(self, present: int) -> int:
+        return present  # every query scores: a prefix's stored K/V cannot stand in for its queries

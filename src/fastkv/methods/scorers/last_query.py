@@ -28,3 +28,6 @@ class LastQuery(Scorer):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         return last_query_scores(q, k, self.kernel_size)[..., : -self.window_size]
+
+    def queries_needed(self, present: int) -> int:
+        return 1
