@@ -168,12 +168,23 @@ def main() -> None:
             cpp = run_llamacpp(args.llama_python, gguf, turns, args)
             line, sessions["llama.cpp"] = report(f"llama.cpp {cpp['version']} ({gguf.name}), prefix reuse", cpp, facts)
             print(line, flush=True)
+        same = {}
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            fresh = None
             for mib in (0, args.store_mib):
                 run = run_fastkv(llm, turns, method, mib, args.new_tokens)
                 name = f"fastkv {method}, {'store' if mib else 'no store'}"
                 line, sessions[name] = report(name, run, facts)
                 print(line, flush=True)
+                if fresh is None:
+                    fresh = run
+                else:  # the store's follow-ups against fresh prefills of the same prompts
+                    pairs = list(zip(fresh["turns"][1:], run["turns"][1:], strict=True))
+                    speedup = sum(a["ttft"] for a, _ in pairs) / sum(b["ttft"] for _, b in pairs)
+                    identical = sum(a["text"] == b["text"] for a, b in pairs)
+                    same[method] = f"follow-up prefill {speedup:.2f}x faster, {identical}/{len(pairs)} answers the same"
+        for method, line in same.items():
+            print(f"# fastkv {method} with the store against without: {line}")
         if "llama.cpp" in sessions:
             for name, seconds in sessions.items():
                 print(f"# {name}: session {seconds:.1f} s, {sessions['llama.cpp'] / seconds:.2f}x llama.cpp's")

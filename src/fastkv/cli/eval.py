@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..console import fail, load_llm, out
+from ..console import err, fail, load_llm, out
 from ..methods import Method, format_spec, parse, split_specs
 
 # What only evaluation needs: the `eval` extra. module -> the package that provides it
@@ -387,3 +387,56 @@ def pareto(out_dir: Path = typer.Argument(..., help="an evaluation directory (me
     except ValueError as e:
         fail(str(e))
     out.print("figures: " + ", ".join(str(f) for f in files))
+
+
+@app.command()
+def multiq(
+    model: str = MODEL,
+    methods: str = typer.Option("snapkv,fastkv", help="compressing methods; FullKV is the reference"),
+    length: int = typer.Option(4096, help="document tokens"),
+    docs: int = typer.Option(10, help="documents, each asked --questions questions turn by turn"),
+    questions: int = typer.Option(5, help="questions (facts) per document, at most 8"),
+    new_tokens: int = typer.Option(16, help="tokens generated per answer"),
+    seed: int = typer.Option(7),
+    retain_rate: float = RETAIN,
+    tsp_rate: float = TSP,
+    out_dir: Path | None = OUT,
+    dtype: str = EVAL_DTYPE,
+    quantize: str = EVAL_QUANTIZE,
+    device: str = DEVICE,
+) -> None:
+    """Questions over one document, turn by turn: compression per question (through the prefix store) against
+    compressing once for the first question and against compressing with no question (`fastkv.eval.multiq`)."""
+    from ..eval import multiq as M
+    from ..eval.provenance import update_record
+    from ..eval.store import RunKey, Store
+
+    if not 1 <= questions <= len(M.ROOMS) or docs < 1 or new_tokens < 1:
+        fail(f"--questions must be in 1..{len(M.ROOMS)}, --docs and --new-tokens >= 1")
+    built = build_methods(methods, retain_rate, tsp_rate)
+    llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built)
+    out_path = out_dir or Path("runs") / "multiq"
+    store = Store(out_path)
+    settings = {"length": length, "dtype": dtype_label, "seed": seed, "new_tokens": new_tokens, "version": 1}
+    config = {"suite": "multiq", "model": model, "docs": docs, "questions": questions, **settings,
+              "methods": list(runs)}  # fmt: skip
+    update_record(out_path, config, None, new_command=True)
+    setups = [("fullkv", None, "per question")] + [(f"{spec} [{setup}]", m, setup) for spec, m in runs.items()
+                                                   for setup in M.SETUPS]  # fmt: skip
+    tag = json.dumps(settings, sort_keys=True)
+    for index in range(docs):
+        session = M.session(llm.tokenizer, length, seed, index, questions)
+        for label, method, setup in setups:
+            if all(store.has(RunKey(model, str(length), tag, label, f"q{k + 1}", index)) for k in range(questions)):
+                continue
+            chosen = method if method is not None else "fullkv"
+            for k, text in enumerate(M.answers(llm, session, chosen, setup, new_tokens)):
+                store.put({"model": model, "setting": str(length), "settings": settings, "method": label,
+                           "task": f"q{k + 1}", "index": index, "prediction": text,
+                           "references": [session.codes[k]], "score": session.score(k, text),
+                           "prompt_tokens": len(session.turns[k])})  # fmt: skip
+        err.print(f"document {index + 1}/{docs} done", highlight=False)
+    table = M.summary([r for r in store.rows.values() if r["settings"] == settings], list(runs))
+    (out_path / "summary.md").write_text(table)
+    update_record(out_path, config, None, new_command=False)
+    out.print(table, highlight=False)
