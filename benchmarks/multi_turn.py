@@ -5,11 +5,11 @@ and against llama.cpp with its own prefix reuse, side by side in one run.
     python benchmarks/multi_turn.py --lengths 8192 --methods fastkv   # the session the issue asks about
     python benchmarks/multi_turn.py --llama-python .venv-llamacpp/bin/python
 
-The document hides five facts ("The code of the red room is 48213.") at even depths in Paul Graham's
-essays (RULER's haystack); question k asks for fact k. Turn k's prompt is the conversation so far under the
-model's chat template: the document and question 1, then for every earlier turn a fixed assistant reply
-(the fact itself) and the next question. Fixed replies make every engine see the very same token ids in
-every turn, whatever it answered; each turn generates exactly --new-tokens tokens (greedy, EOS ignored).
+The session is `fastkv eval multiq`'s (`fastkv.eval.multiq.session`): five facts ("The code of the red room
+is 48213.") at even depths in Paul Graham's essays; question k asks for fact k; turn k's prompt is the
+conversation so far under the chat template, with a fixed reply (the fact itself) after every earlier
+question, so that every engine sees the very same token ids in every turn, whatever it answered. Each turn
+generates exactly --new-tokens tokens (greedy, EOS ignored).
 
 - fastkv: each method without a store (every turn a fresh prefill) and with one (`LLM(prefix_cache_mib=...)`:
   turn k + 1 starts from turn k's stored state and recompresses for its own question);
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import subprocess
 import sys
 import time
@@ -36,11 +35,9 @@ from pathlib import Path
 import torch
 
 from fastkv import LLM
-from fastkv.chat import encode_prompt
-from fastkv.eval.ruler import essay_sentences
+from fastkv.eval.multiq import session
 from fastkv.models import cache_root, write_gguf
-
-ROOMS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple")
+from fastkv.sampling import eos_ids
 
 # Runs inside the llama.cpp environment: {"gguf", "turns": [ids, ...], "new", "threads", "n_batch"} on stdin.
 WORKER = r"""
@@ -69,41 +66,18 @@ print(json.dumps({"version": __version__, "turns": out}))
 """
 
 
-def document(tokenizer, length: int, seed: int, facts: int) -> tuple[str, list[tuple[str, str]]]:
-    """Essay text of about `length` tokens with `facts` (room, code) facts at even depths."""
-    rng = random.Random(seed)
-    rooms = rng.sample(ROOMS, facts)
-    found = [(room, str(rng.randint(10000, 99999))) for room in rooms]
-    sentences = list(essay_sentences(length * 2))
-    per = max(1, len(tokenizer(" ".join(sentences[:200]))["input_ids"]) / 200)
-    keep = int(length / per)
-    text = sentences[:keep]
-    for k, (room, code) in enumerate(found):
-        text.insert(int((k + 0.5) * len(text) / facts), f"The code of the {room} room is {code}.")
-    return " ".join(text), found
-
-
-def conversation(doc: str, facts: list[tuple[str, str]]) -> list[list[dict]]:
-    """The messages of each turn: the document and question 1, then a fixed reply and the next question."""
-    turns, messages = [], []
-    for k, (room, code) in enumerate(facts):
-        question = f"What is the code of the {room} room? Answer with the number."
-        messages.append({"role": "user", "content": f"{doc}\n\n{question}" if k == 0 else question})
-        turns.append(list(messages))
-        messages.append({"role": "assistant", "content": f"The code of the {room} room is {code}."})
-    return turns
-
-
 def run_fastkv(llm: LLM, turns: list[list[int]], method: str, store_mib: float, new: int) -> dict:
     llm.use_prefix_cache(store_mib)
-    llm.generate(turns[0][:64], method, max_tokens=2)  # warm-up (too short to be stored)
+    llm.generate(turns[0][:32], method, max_tokens=2)  # warm-up (shorter than a block: never stored)
     out = []
     for ids in turns:
         start = time.perf_counter()
         result = llm.generate(ids, method, max_tokens=new, ignore_eos=True)
         s = result.stats
+        eos = [i for i, t in enumerate(result.token_ids) if t in eos_ids(llm.model, llm.tokenizer)]
         out.append({
             "ttft": s.prefill_seconds, "total": time.perf_counter() - start, "text": result.text,
+            "answer": result.token_ids[: eos[0] + 1] if eos else result.token_ids,  # up to its first EOS
             "kv": s.kv_bytes, "reused": s.prefix_tokens_reused, "spec": s.method,
             "store": llm.prefix_cache.bytes if llm.prefix_cache else 0, "prompt": s.prompt_tokens,
         })  # fmt: skip
@@ -119,10 +93,10 @@ def run_llamacpp(python: Path, gguf: Path, turns: list[list[int]], args) -> dict
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def report(name: str, run: dict, facts: list[tuple[str, str]]) -> str:
+def report(name: str, run: dict, codes: list[str]) -> tuple[str, float]:
     turns = run["turns"]
     later = turns[1:]
-    right = sum(code in t["text"] for t, (_, code) in zip(turns, facts, strict=True))
+    right = sum(code in t["text"] for t, code in zip(turns, codes, strict=True))
     kv = f"{turns[-1]['kv'] / 2**20:.1f}" if "kv" in turns[-1] else "-"
     store = f"{max(t['store'] for t in turns) / 2**20:.1f}" if "store" in turns[-1] else "-"
     reused = "/".join(str(t["reused"]) for t in turns) if "reused" in turns[-1] else "longest common prefix"
@@ -156,8 +130,8 @@ def main() -> None:
     print(f"# {args.model} {llm.precision}; {cpu} ({flags}); {args.threads} threads; torch {torch.__version__}")
     print(f"# {args.questions} questions per document, {args.new_tokens} new tokens per turn, greedy, EOS ignored")
     for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
-        doc, facts = document(llm.tokenizer, length, args.seed, args.questions)
-        turns = [encode_prompt(llm.tokenizer, messages, chat=True) for messages in conversation(doc, facts)]
+        s = session(llm.tokenizer, length, args.seed, 0, args.questions)
+        turns, facts = s.turns, s.codes
         print(f"\n## {len(turns[0])}-token document; turn prompts of {', '.join(str(len(t)) for t in turns)} tokens\n")
         print("| engine | turn 1 TTFT s | turns 2-5 TTFT s | session s | KV MiB (running) | store MiB "
               "| tokens reused per turn | answers right |")  # fmt: skip
@@ -181,8 +155,11 @@ def main() -> None:
                 else:  # the store's follow-ups against fresh prefills of the same prompts
                     pairs = list(zip(fresh["turns"][1:], run["turns"][1:], strict=True))
                     speedup = sum(a["ttft"] for a, _ in pairs) / sum(b["ttft"] for _, b in pairs)
-                    identical = sum(a["text"] == b["text"] for a, b in pairs)
-                    same[method] = f"follow-up prefill {speedup:.2f}x faster, {identical}/{len(pairs)} answers the same"
+                    answers = sum(a["answer"] == b["answer"] for a, b in pairs)
+                    tokens = sum(a["text"] == b["text"] for a, b in pairs)
+                    n = len(pairs)
+                    same[method] = (f"follow-up prefill {speedup:.2f}x faster; answers (to their first EOS) the "
+                                    f"same in {answers}/{n}, all {args.new_tokens} tokens the same in {tokens}/{n}")
         for method, line in same.items():
             print(f"# fastkv {method} with the store against without: {line}")
         if "llama.cpp" in sessions:

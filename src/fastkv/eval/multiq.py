@@ -49,9 +49,12 @@ def document(tokenizer, length: int, seed: int, facts: int) -> tuple[str, list[t
     """Essay text of about `length` tokens with `facts` (room, code) facts at even depths."""
     rng = random.Random(seed)
     found = [(room, str(rng.randint(10000, 99999))) for room in rng.sample(ROOMS, facts)]
-    sentences = list(essay_sentences(length * 2))
-    per = max(1.0, len(tokenizer(" ".join(sentences[:200]))["input_ids"]) / 200)
-    text = sentences[: int(length / per)]
+    text, total = [], 0
+    for sentence in essay_sentences(length * 2):  # more words than tokens are needed
+        total += len(tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
+        if total > length:
+            break
+        text.append(sentence)
     for k, (room, code) in enumerate(found):
         text.insert(int((k + 0.5) * len(text) / facts), f"The code of the {room} room is {code}.")
     return " ".join(text), found
