@@ -177,7 +177,8 @@ def test_admission_holds_many_more_fastkv_requests_than_fullkv_in_the_same_memor
     loop = asyncio.new_event_loop()
     held = {}
     for spec in ("fullkv", "fastkv(tsp_layer=1, tsp_len=48, budget=96)"):
-        scheduler = Scheduler(llm, limit, max_batch=64, max_queue=64)  # its thread is not started: we drive it
+        # its thread is not started: we drive it, one whole prefill after the other (no decode steps between)
+        scheduler = Scheduler(llm, limit, max_batch=64, max_queue=64, prefill_chunk=None)
         method, _ = llm.resolve(spec)
         for _ in range(40):
             scheduler.submit(scheduler.make_job(ids, method, SamplingParams(64), loop))

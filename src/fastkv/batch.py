@@ -23,7 +23,7 @@ from .methods import Method, format_spec
 from .methods.base import PrefillTrace
 from .prefix import PrefixStore
 from .results import GenerationResult, GenerationStats
-from .sampling import SamplingParams, Transcript, eos_ids, sample
+from .sampling import SamplingParams, Transcript, eos_ids, sample, token_logprob
 
 
 def clock(device: torch.device) -> float:
@@ -55,18 +55,21 @@ def prefill_prompt(
     chunk_size: int | None = None,
     on_layer=None,
     prefix_cache: PrefixStore | None = None,
+    on_chunk=None,
 ) -> Prefilled:
     """Prefill one prompt's token ids under a bound method, timed: what decoding starts from. With a prefix
-    store, from the longest stored prefix of the prompt, and what it computes is kept for later prompts."""
+    store, from the longest stored prefix of the prompt, and what it computes is kept for later prompts.
+    on_chunk: see `engine.prefill` (the server decodes its running batch between chunks)."""
     start = clock(adapter.device)
     input_ids = torch.tensor([list(ids)], device=adapter.device)
     reused = 0
     if prefix_cache is not None:
         cache, logits, trace, reuse = prefix_cache.prefill(adapter, input_ids, method, max_new_tokens, chunk_size,
-                                                           on_layer)  # fmt: skip
+                                                           on_layer, on_chunk)  # fmt: skip
         reused = reuse.tokens
     else:
-        cache, logits, trace = prefill(adapter, input_ids, method, max_new_tokens, on_layer, chunk_size)
+        cache, logits, trace = prefill(adapter, input_ids, method, max_new_tokens, on_layer, chunk_size,
+                                       on_chunk=on_chunk)  # fmt: skip
     return Prefilled(method, len(ids), cache, logits, trace, clock(adapter.device) - start, reused=reused)
 
 
@@ -83,6 +86,12 @@ class Row:
     started: float | None = None  # when its first decode step began
     steps: int = 0  # decode steps it took part in
 
+    def add(self, logits: torch.Tensor) -> bool:
+        """Sample its next token from logits [V] and take it; False once it has ended."""
+        token = sample(logits, self.params, self.generator)
+        logprobs = self.params.logprobs
+        return self.transcript.add(token, token_logprob(logits, token, logprobs) if logprobs is not None else None)
+
     def result(self, decode_seconds: float) -> GenerationResult:
         p, t = self.prefilled, self.transcript
         spec = format_spec(p.method)
@@ -92,6 +101,7 @@ class Row:
             finish_reason=t.finish,
             method=spec,
             first_logits=p.logits[0],
+            logprobs=t.logprobs if self.params.logprobs is not None else None,
             stats=GenerationStats(
                 method=spec,
                 prompt_tokens=p.prompt_tokens,
@@ -120,8 +130,9 @@ class DecodeBatch:
         self.rows: list[Row] = []
         self.cache: KVCache | None = None
 
-    def join(self, key, prefilled: Prefilled, params: SamplingParams) -> GenerationResult | None:
-        """Add a prefilled sequence; its result at once if its first token already ends it."""
+    def join(self, key, prefilled: Prefilled, params: SamplingParams) -> GenerationResult | Exception | None:
+        """Add a prefilled sequence; its result at once if its first token already ends it (or the error that
+        ended it: a row's failure, in sampling or its stop strings, ends that row alone)."""
         cache = prefilled.cache
         if cache.keys[0].shape[0] != 1:
             raise ValueError(f"a sequence joins alone: its cache holds {cache.keys[0].shape[0]} rows")
@@ -135,16 +146,21 @@ class DecodeBatch:
             params.generator(self.adapter.device),
             (cache.nbytes(), cache.full_nbytes(), cache.kept_per_layer),
         )
-        first = sample(prefilled.logits[0], params, row.generator)
-        if not row.transcript.add(first) or params.max_tokens == 1:
-            return self._finish(row)
-        self._emit(row)
+        try:
+            going = row.add(prefilled.logits[0])
+            if not going or params.max_tokens == 1:
+                return self._finish(row)
+            self._emit(row)
+        except Exception as e:  # this row's failure, reported to its caller
+            return e
         self.cache = cache if self.cache is None else merge([self.cache, cache])
         self.rows.append(row)
         return None
 
-    def step(self) -> list[tuple[object, GenerationResult]]:
-        """One decode step for every row; returns (key, result) of the rows that ended, which leave."""
+    def step(self) -> list[tuple[object, GenerationResult | Exception]]:
+        """One decode step for every row; returns (key, result) of the rows that ended, which leave. A row
+        whose sampling or stop strings fail ends with the exception as its result; the others go on. (A
+        failure of the step itself, which every row shares, raises.)"""
         if not self.rows:
             return []
         now = clock(self.adapter.device)
@@ -156,12 +172,15 @@ class DecodeBatch:
         done, keep = [], []
         for b, row in enumerate(self.rows):
             row.steps += 1
-            going = row.transcript.add(sample(logits[b], row.params, row.generator))
-            if going and len(row.transcript.out) < row.params.max_tokens:
-                keep.append(b)
-                self._emit(row)
-            else:
-                done.append((row.key, self._finish(row)))
+            try:
+                going = row.add(logits[b])
+                if going and len(row.transcript.out) < row.params.max_tokens:
+                    self._emit(row)
+                    keep.append(b)
+                else:
+                    done.append((row.key, self._finish(row)))
+            except Exception as e:  # this row's failure, reported to its caller
+                done.append((row.key, e))
         self._keep(keep)
         return done
 
@@ -201,4 +220,11 @@ def decode_alone(
         ended = batch.step()  # [] until the one row ends
         result = ended[0][1] if ended else None
     yield from pieces
+    return raised(result)
+
+
+def raised(result: GenerationResult | Exception) -> GenerationResult:
+    """A row's result, or the error that ended it, raised."""
+    if isinstance(result, Exception):
+        raise result
     return result

@@ -111,16 +111,33 @@ Past = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # K, V [B, Hkv, p, d] an
 # decide(state) -> for each way the layer's output continues, the indices [B, T] of the tokens that do (None:
 # all of them); the attention is computed once for all of them. Its side effects (caching) are its own.
 Decide = Callable[[LayerState], Sequence[torch.Tensor | None]]
+# on_chunk(tokens): called after each chunk of a chunked layer's work (projections, attention, MLP) of that
+# many tokens, so that a caller can interleave other work (the server: a decode step of its running batch).
+OnChunk = Callable[[int], None]
 
 
 def open_layer(adapter: Adapter, i: int, h: torch.Tensor, pos: torch.Tensor, prompt_len: int,
-               past: Past | None = None) -> LayerState:  # fmt: skip
+               past: Past | None = None, chunk_size: int | None = None,
+               on_chunk: OnChunk | None = None) -> LayerState:  # fmt: skip
     """Layer i's projections of hidden states h [B, n, D] at positions pos [B, n], as the parts see them. With
-    `past`, the earlier tokens' K/V come first in k and v (they attend and are attended to as if present)."""
+    `past`, the earlier tokens' K/V come first in k and v (they attend and are attended to as if present).
+    With on_chunk, the projections too go chunk_size tokens at a time (they work per token)."""
     layer = adapter.layers[i]
-    q, k, v = adapter.qkv(layer.self_attn, layer.input_layernorm(h))
-    cos, sin = adapter.rope(h, pos)
-    q, k = adapter.apply_rope(q, k, cos, sin)
+
+    def project(hs: torch.Tensor, ps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = adapter.qkv(layer.self_attn, layer.input_layernorm(hs))
+        cos, sin = adapter.rope(hs, ps)
+        return (*adapter.apply_rope(q, k, cos, sin), v)
+
+    n = h.shape[1]
+    if on_chunk is None or chunk_size is None or chunk_size >= n:
+        q, k, v = project(h, pos)
+    else:
+        parts = []
+        for s in range(0, n, chunk_size):
+            parts.append(project(h[:, s : s + chunk_size], pos[:, s : s + chunk_size]))
+            on_chunk(parts[-1][0].shape[2])
+        q, k, v = (torch.cat(t, dim=2) for t in zip(*parts, strict=True))
     if past is not None:
         k, v, pos = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2), torch.cat([past[2], pos], dim=1)
     return LayerState(i, adapter.num_layers, prompt_len, q, k, v, pos, layer.self_attn.scaling)
@@ -138,6 +155,7 @@ def layer_step(
     last: bool = False,
     past_mid: torch.Tensor | None = None,
     keep_mid: Callable[[torch.Tensor], None] | None = None,
+    on_chunk: OnChunk | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run layer i over the tokens present: h [B, n, D] at positions pos [B, n] (after `past`, see open_layer).
 
@@ -151,13 +169,14 @@ def layer_step(
     after this layer's attention (`past_mid` [B, p, D], as stored); None (every token continues) continues
     h's own tokens, the earlier ones staying past. keep_mid(mid) receives the residual after attention, before
     the MLP, of every token present (earlier ones first, where given): what a prefix store keeps.
+    on_chunk: see `OnChunk` (with chunk_size).
     """
-    state = open_layer(adapter, i, h, pos, prompt_len, past)
+    state = open_layer(adapter, i, h, pos, prompt_len, past, chunk_size, on_chunk)
     selections = decide(state) if decide is not None else [None]
     if not selections:
         return []
     layer = adapter.layers[i]
-    out = attend(adapter, layer, h, state.q, state.k, state.v, last=last, chunk_size=chunk_size)
+    out = attend(adapter, layer, h, state.q, state.k, state.v, last, chunk_size, on_chunk)
     every, every_pos = out, pos  # the residual of every token present, and their positions
     if past_mid is not None:
         every, every_pos = torch.cat([past_mid, out], dim=1), state.positions
@@ -172,11 +191,12 @@ def layer_step(
         else:
             index = selected.unsqueeze(-1).expand(-1, -1, out.shape[-1])
             hs, ps = every.gather(1, index), every_pos.gather(1, selected)
-        steps.append((feed_forward(layer, hs, chunk_size), ps))
+        steps.append((feed_forward(layer, hs, chunk_size, on_chunk), ps))
     return steps
 
 
-def attend(adapter: Adapter, layer, h: torch.Tensor, q, k, v, last: bool, chunk_size: int | None = None):
+def attend(adapter: Adapter, layer, h: torch.Tensor, q, k, v, last: bool, chunk_size: int | None = None,
+           on_chunk: OnChunk | None = None):  # fmt: skip
     """h plus the layer's causal attention output; for the last layer only the last token's.
 
     q [B, Hq, n, d] are the queries of the last n of the m tokens in k, v [B, Hkv, m, d] (m > n when earlier
@@ -204,10 +224,12 @@ def attend(adapter: Adapter, layer, h: torch.Tensor, q, k, v, last: bool, chunk_
         mask = torch.arange(offset + e, device=h.device) <= rows[:, None]
         keys, values = k[:, :, : offset + e], v[:, :, : offset + e]
         new[:, s:e] = h[:, s:e] + output(attention(q[:, :, s:e], keys, values, scale, mask=mask))
+        if on_chunk is not None:
+            on_chunk(e - s)
     return new
 
 
-def feed_forward(layer, h: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+def feed_forward(layer, h: torch.Tensor, chunk_size: int | None = None, on_chunk: OnChunk | None = None):
     """h plus the layer's MLP, over at most chunk_size tokens at a time (it works per token)."""
     if chunk_size is None or chunk_size >= h.shape[1]:
         return h + layer.mlp(layer.post_attention_layernorm(h))
@@ -215,6 +237,8 @@ def feed_forward(layer, h: torch.Tensor, chunk_size: int | None = None) -> torch
     for s in range(0, h.shape[1], chunk_size):
         part = h[:, s : s + chunk_size]
         new[:, s : s + chunk_size] = part + layer.mlp(layer.post_attention_layernorm(part))
+        if on_chunk is not None:
+            on_chunk(part.shape[1])
     return new
 
 
@@ -299,6 +323,7 @@ class Runner:
     prompt: torch.Tensor | None = None
     prefix: Prefix | None = None
     record: Recording | None = None
+    on_chunk: OnChunk | None = None
 
     def _own(self, input_ids: torch.Tensor) -> tuple[Prefix | None, Recording | None]:
         return (self.prefix, self.record) if input_ids is self.prompt else (None, None)
@@ -306,7 +331,7 @@ class Runner:
     def run(self, input_ids: torch.Tensor, reducer: Reducer, policy: CachePolicy) -> Pass:
         prefix, record = self._own(input_ids)
         return run_pass(self.adapter, input_ids, reducer, policy, self.max_new_tokens, self.on_layer,
-                        self.chunk_size, prefix, record)  # fmt: skip
+                        self.chunk_size, prefix, record, self.on_chunk)  # fmt: skip
 
     def look(self, input_ids: torch.Tensor, layer: int) -> LayerState:
         prefix, record = self._own(input_ids)
@@ -322,10 +347,10 @@ class Runner:
 
         for i in range(layer):
             past = prefix.past(i) if p else None
-            ((h, pos),) = layer_step(adapter, i, h, pos, n, keep, self.chunk_size, past)
+            ((h, pos),) = layer_step(adapter, i, h, pos, n, keep, self.chunk_size, past, on_chunk=self.on_chunk)
             if self.on_layer is not None:
                 self.on_layer(i)
-        state = open_layer(adapter, layer, h, pos, n, prefix.past(layer) if p else None)
+        state = open_layer(adapter, layer, h, pos, n, prefix.past(layer) if p else None, self.chunk_size, self.on_chunk)
         keep(state)
         return state
 
@@ -340,6 +365,7 @@ def prefill(
     chunk_size: int | None = None,
     prefix: Prefix | None = None,
     record: Recording | None = None,
+    on_chunk: OnChunk | None = None,
 ) -> tuple[KVCache, torch.Tensor, PrefillTrace]:
     """Run the prompt input_ids [B, L] through the model under `method`.
 
@@ -351,13 +377,15 @@ def prefill(
     through the layers that see every token, attending to the stored K/V; every selection is made over all
     tokens, as a fresh prefill makes it. `NotReusable` when the method needs what the prefix lacks.
     record: fill it with what the prefix store keeps of this prompt (`Recording`).
+    on_chunk(tokens): with chunk_size, called after each chunk of work (`OnChunk`): projections, attention
+    and MLP alike go chunk_size tokens at a time, and the caller may do other work in between.
     """
     check_prompt(adapter, input_ids.shape[1], max_new_tokens)
     check_chunk(chunk_size)
     if prefix is not None and not 0 < prefix.length < input_ids.shape[1]:
         raise ValueError(f"a stored prefix of {prefix.length} tokens cannot start a prompt of {input_ids.shape[1]}")
     method = method.bind(adapter.num_layers)
-    runner = Runner(adapter, max_new_tokens, chunk_size, on_layer, input_ids, prefix, record)
+    runner = Runner(adapter, max_new_tokens, chunk_size, on_layer, input_ids, prefix, record, on_chunk)
     done = method.reducer.prefill(runner, input_ids, method.policy)
     return done.cache, done.logits, done.trace
 
@@ -372,6 +400,7 @@ def run_pass(
     chunk_size: int | None = None,
     prefix: Prefix | None = None,
     record: Recording | None = None,
+    on_chunk: OnChunk | None = None,
 ) -> Pass:
     """One pass over the layers on input_ids [B, n] at positions 0..n-1 (after `prefix`, see `prefill`)."""
     b, n = input_ids.shape
@@ -408,7 +437,7 @@ def run_pass(
                 record.mids[i] = mid
 
         keep = keep_mid if record is not None and whole and (not reusing or past_mid is not None) else None
-        ((h, pos),) = layer_step(adapter, i, h, pos, n, decide, chunk_size, past, i == last, past_mid, keep)
+        ((h, pos),) = layer_step(adapter, i, h, pos, n, decide, chunk_size, past, i == last, past_mid, keep, on_chunk)
         whole = whole and chosen[0] is None
         if on_layer is not None:
             on_layer(i)

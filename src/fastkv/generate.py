@@ -11,7 +11,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 import torch
 
 from .adapters import adapter_for
-from .batch import DecodeBatch, Prefilled, clock, decode_alone, prefill_prompt
+from .batch import DecodeBatch, Prefilled, clock, decode_alone, prefill_prompt, raised
 from .chat import encode_prompt, is_conversation
 from .methods import FastKV, Method, parse
 from .prefix import PrefixStore
@@ -132,8 +132,8 @@ def generate_batch(
     batch = DecodeBatch(model, tokenizer, compile)
     results: list[GenerationResult | None] = [None] * len(prompts)
 
-    def finished(index: int, result: GenerationResult) -> None:
-        results[index] = result
+    def finished(index: int, result: GenerationResult | Exception) -> None:
+        results[index] = result = raised(result)
         if on_result is not None:
             on_result(index, result)
 

@@ -172,6 +172,7 @@ class PrefixStore:
         max_new_tokens: int = 0,
         chunk_size: int | None = None,
         on_layer=None,
+        on_chunk=None,
     ) -> tuple[KVCache, torch.Tensor, PrefillTrace, Reuse]:
         """`engine.prefill` of one prompt [1, n], starting from the longest stored prefix when there is one
         (short of the method's observation window, whose queries the follow-up computes), and keeping what it
@@ -186,7 +187,7 @@ class PrefixStore:
             started, record = True, self.recording()
             try:
                 cache, logits, trace = prefill(adapter, input_ids, method, max_new_tokens, on_layer, chunk_size,
-                                               entry.prefix(length), record)  # fmt: skip
+                                               entry.prefix(length), record, on_chunk)  # fmt: skip
                 reuse = Reuse(length)
                 break
             except NotReusable as why:
@@ -194,7 +195,7 @@ class PrefixStore:
         if not reuse.tokens:
             record = self.recording()
             cache, logits, trace = prefill(adapter, input_ids, method, max_new_tokens, on_layer, chunk_size, None,
-                                           record)  # fmt: skip
+                                           record, on_chunk)  # fmt: skip
         with self.lock:
             self.stats.hits += reuse.tokens > 0
             self.stats.misses += not started

@@ -43,3 +43,4 @@ class GenerationResult:
     stats: GenerationStats
     method: str = field(default="")
     first_logits: torch.Tensor | None = field(default=None, repr=False)  # float32 [V]: the prompt's last position
+    logprobs: list | None = field(default=None, repr=False)  # a TokenLogprob per token, when asked for

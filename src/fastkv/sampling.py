@@ -16,6 +16,7 @@ import torch
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy (as in vLLM): dividing by it overflows the logits
 INT64 = (-(2**63), 2**63 - 1)
 MAX_STOPS, MAX_STOP_CHARS = 16, 512
+MAX_LOGPROBS = 20
 
 
 class SamplingError(ValueError):
@@ -36,6 +37,8 @@ class SamplingParams:
     seed: a seed for this sequence's own generator (int64), for reproducible sampling.
     stop: strings that end the text where they first appear (not included).
     ignore_eos: go on past EOS to max_tokens (benchmarks want fixed lengths).
+    logprobs: None, or record each generated token's log-probability under the model (its raw distribution,
+        before temperature and top_p) with that many of the most likely alternatives (0..20).
     """
 
     max_tokens: int = 128
@@ -44,6 +47,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,6 +68,8 @@ class SamplingParams:
             raise SamplingError("stop", f"takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters")
         if not isinstance(self.ignore_eos, bool):
             raise SamplingError("ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
+        if self.logprobs is not None and (_not_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise SamplingError("logprobs", f"must be an integer in 0..{MAX_LOGPROBS} or None, got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -108,6 +114,23 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely tokens' ((id, logprob), ...)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The log-probability of `token` under logits [V] (float32, no temperature), with the `top` best."""
+    logprobs = logits.float().log_softmax(-1)
+    best = logprobs.topk(top) if top else None
+    alternatives = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
+
+
 def eos_ids(model, tokenizer) -> set[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), tokenizer):
@@ -131,29 +154,61 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 class Transcript:
-    """The text of one sequence's generated tokens, ended by EOS or cut at the first stop string."""
+    """The text of one sequence's generated tokens, ended by EOS or cut at the first stop string.
+
+    Text grows by decoding only the last few tokens (a window from `prefix` on, which holds the bytes a
+    multi-byte character or a leading space may need), and stop strings are looked for only where the new
+    text could complete one: both take time linear in the output, not quadratic.
+    """
 
     def __init__(self, tokenizer, eos: set[int], stop: Sequence[str]) -> None:
         self.tokenizer, self.eos, self.stops = tokenizer, eos, list(stop)
         self.out: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # one per token of `out`, when asked for
         self.text, self.emitted, self.finish = "", 0, "length"
+        self.prefix = self.read = 0  # out[prefix:read] is decoded into the end of `text` already
 
-    def add(self, token: int) -> bool:
+    def add(self, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Take the next token; False once the sequence has ended (this token was EOS or made a stop string)."""
         if token in self.eos:
             self.finish = "eos"
             return False
         self.out.append(token)
-        self.text = self.tokenizer.decode(self.out, skip_special_tokens=True)
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.text, self.finish = self.text[: min(hits)], "stop"
-            return False
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        before = len(self.text)
+        self.text += self._delta()
+        if self.stops and len(self.text) > before:
+            longest = max(map(len, self.stops))
+            start = max(0, before - longest + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.text, self.finish = self.text[: min(hits)], "stop"
+                return False
         return True
+
+    def _delta(self) -> str:
+        """The text the newest token adds (empty while it ends inside a character)."""
+        decode = self.tokenizer.decode
+        done = decode(self.out[self.prefix : self.read], skip_special_tokens=True)
+        now = decode(self.out[self.prefix :], skip_special_tokens=True)
+        if len(now) <= len(done) or now.endswith("\ufffd"):
+            return ""  # an unfinished character: wait for its next byte
+        self.prefix, self.read = self.read, len(self.out)
+        return now[len(done) :]
 
     def ready(self, final: bool = False) -> str:
         """Text not emitted yet that no later token can change (all of it when final)."""
+        if final and self.read < len(self.out):  # bytes that never made a whole character
+            self.text += self._rest()
         end = len(self.text) if final else len(self.text) - _held_back(self.text, self.stops)
         piece = self.text[self.emitted : end] if end > self.emitted else ""
         self.emitted += len(piece)
         return piece
+
+    def _rest(self) -> str:
+        decode = self.tokenizer.decode
+        done = decode(self.out[self.prefix : self.read], skip_special_tokens=True)
+        now = decode(self.out[self.prefix :], skip_special_tokens=True)
+        self.prefix = self.read = len(self.out)
+        return now[len(done) :] if now.startswith(done) else ""

@@ -21,6 +21,10 @@ def serve(
         1024, help="most memory for stored prefixes (follow-ups on a prompt reuse its prefill), MiB; 0: none"
     ),
     max_batch: int = typer.Option(16, help="most requests decoding at once"),
+    prefill_chunk: int = typer.Option(
+        256, help="prefill this many prompt tokens at a time, with decode steps of running streams between; 0: whole"
+    ),
+    prefill_budget: int = typer.Option(1024, help="tokens of prefill work between two decode steps"),
     max_queue: int = typer.Option(64, help="most requests waiting; more get 429"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     quantize: str = typer.Option("auto", help=QUANTIZE_HELP),
@@ -40,6 +44,26 @@ def serve(
         help="with --ray: the cluster to join ('auto', ray://head:10001); default: start one here",
         rich_help_panel="Ray",
     ),
+    api_key: str | None = typer.Option(
+        None, envvar="FASTKV_API_KEY", help="require Authorization: Bearer KEY (also FASTKV_API_KEY)",
+        rich_help_panel="Access",
+    ),  # fmt: skip
+    allowed_host: list[str] = typer.Option(
+        [], help="a Host header to accept (repeatable); loopback binds accept only loopback names by default",
+        rich_help_panel="Access",
+    ),  # fmt: skip
+    max_body_mb: float = typer.Option(8, help="largest request body, MB", rich_help_panel="Limits"),
+    max_prompt_tokens: int | None = typer.Option(
+        None, help="longest prompt (default: the model's context)", rich_help_panel="Limits"
+    ),
+    header_timeout: float = typer.Option(
+        10, help="seconds a connection has to send a request head", rich_help_panel="Limits"
+    ),
+    keep_alive: float = typer.Option(5, help="seconds an idle connection stays open", rich_help_panel="Limits"),
+    max_connections: int = typer.Option(256, help="most connections at once (more get 503)", rich_help_panel="Limits"),
+    shutdown_timeout: float = typer.Option(
+        30, help="at SIGTERM, seconds running requests get to finish", rich_help_panel="Limits"
+    ),
 ) -> None:
     """An OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
 
@@ -55,25 +79,41 @@ def serve(
             fail(f"{option} must be positive, got {value}")
     if prefix_cache_mib < 0:
         fail(f"--prefix-cache-mib must be >= 0, got {prefix_cache_mib}")
+    if prefill_chunk < 0:
+        fail(f"--prefill-chunk must be >= 0 (0: whole prefills), got {prefill_chunk}")
+    chunk = prefill_chunk or None
+    bounds = {"--prefill-budget": prefill_budget, "--max-body-mb": max_body_mb, "--header-timeout": header_timeout,
+              "--keep-alive": keep_alive,
+              "--max-connections": max_connections, "--shutdown-timeout": shutdown_timeout,
+              "--max-prompt-tokens": 1 if max_prompt_tokens is None else max_prompt_tokens}  # fmt: skip
+    for option, value in bounds.items():
+        if value <= 0:
+            fail(f"{option} must be positive, got {value}")
+    from ..serve.api import LOOPBACK_HOSTS, ServeLimits, create_app
+
+    hosts = {h.lower() for h in allowed_host}
+    if host in ("127.0.0.1", "localhost", "::1"):
+        hosts |= LOOPBACK_HOSTS  # a web page cannot drive a loopback server through DNS rebinding
+    limits = ServeLimits(int(max_body_mb * 1e6), max_prompt_tokens, api_key or None, frozenset(hosts) or None)
     if ray:
         from ..serve.ray_app import ReplicaOptions, Scaling
 
         options = ReplicaOptions(model, method, dtype, device, kv_mib, max_batch, max_queue, compile, quantize=quantize,
-                                 prefix_cache_mib=prefix_cache_mib)  # fmt: skip
+                                 prefix_cache_mib=prefix_cache_mib, limits=limits, prefill_chunk=chunk,
+                                 step_budget=prefill_budget)  # fmt: skip
         scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing, replica_cpus, replica_gpus)
         serve_on_ray(options, scaling, host, port, ray_address)
         return
-    import uvicorn
-
-    from ..serve.api import create_app
+    from ..serve.http import Connections, server
 
     llm = load_llm(model, dtype, device, quantize)
     try:
         application = create_app(llm, model, method, kv_mib, max_batch, max_queue, compile=compile,
-                                 prefix_cache_mib=prefix_cache_mib)  # fmt: skip
+                                 prefix_cache_mib=prefix_cache_mib, limits=limits, shutdown_timeout=shutdown_timeout,
+                                 prefill_chunk=chunk, step_budget=prefill_budget)  # fmt: skip
     except ValueError as e:
         fail(f"--method: {e}")
-    uvicorn.run(application, host=host, port=port, log_level="info")
+    server(application, host, port, Connections(header_timeout, keep_alive, max_connections, shutdown_timeout)).run()
 
 
 def serve_on_ray(options, scaling, host: str, port: int, address: str | None) -> None:

@@ -106,13 +106,28 @@ def knob_error(part: Part, name: str, message: str) -> ValueError:
     return ValueError(f"{type(part).__name__}.{name} {message}")
 
 
+# The most a count may be, and the knobs whose work grows with them beyond the prompt's own: a window's
+# queries score every key, a pooling kernel slides over every score, a chunk is held at once.
+MAX_COUNT = 2**31 - 1
+KNOB_MAX = {"window_size": 1024, "kernel_size": 1023, "chunk_mib": 4096, "beta": 10_000}
+
+
 def check_int(part: Part, name: str, minimum: int = 1, allow_none: bool = False) -> None:
     value = getattr(part, name)
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    maximum = KNOB_MAX.get(name, MAX_COUNT)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise knob_error(part, name, f"must be {kind}, got {value!r}")
+        raise knob_error(part, name, f"must be {kind} of at most {maximum}, got {shorter_repr(value)}")
+
+
+def shorter_repr(value: Any, chars: int = 40) -> str:
+    """repr(value), cut to `chars` characters (a 400-digit number in an error message helps nobody)."""
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= chars else text[: chars - 3] + "..."
 
 
 def check_rate(part: Part, name: str) -> None:
@@ -120,7 +135,7 @@ def check_rate(part: Part, name: str) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise knob_error(part, name, f"must be in (0, 1], got {value!r}")
+        raise knob_error(part, name, f"must be in (0, 1], got {shorter_repr(value)}")
 
 
 def check_choice(part: Part, name: str, choices: tuple[str, ...]) -> None:

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
+from .api import ServeLimits
+
 APP, DEPLOYMENT = "fastkv", "fastkv"
 # Ray Serve gives its HTTP proxy 5 s to start, three times. On a small machine busy with a model's
 # prefill, importing the proxy takes longer, and Serve kills it over and over. A cluster started here
@@ -43,6 +45,10 @@ class ReplicaOptions:
     threads: int | None = None  # torch threads per replica (default: its CPUs)
     quantize: str = "auto"
     prefix_cache_mib: float = 1024
+    limits: ServeLimits = ServeLimits()  # what each replica's app checks (API key, hosts, sizes)
+    proxy_queue: int | None = None  # requests that may wait in Ray's proxy for a replica (default max_queue)
+    prefill_chunk: int | None = 256
+    step_budget: int = 1024
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,8 @@ def build_app(options: ReplicaOptions):
     llm = LLM.load(options.model, dtype=options.dtype, device=options.device, progress=False, quantize=options.quantize)
     app = create_app(llm, options.model, options.method, options.kv_mib, options.max_batch, options.max_queue,
                      options.compile, replica=name, metrics_body=all_replicas_metrics,
-                     prefix_cache_mib=options.prefix_cache_mib)  # fmt: skip
+                     prefix_cache_mib=options.prefix_cache_mib, limits=options.limits,
+                     prefill_chunk=options.prefill_chunk, step_budget=options.step_budget)  # fmt: skip
     _REPLICA.update(name=name, metrics=app.state.metrics)
     return app
 
@@ -136,11 +143,15 @@ def merged_metrics(per_replica: list[tuple[str, list[Metric]]]) -> bytes:
 def application(options: ReplicaOptions, scaling: Scaling):
     """The Ray Serve application: `serve.run(application(...))`."""
     from ray import serve
+    from ray.serve.config import BackpressureConfig
 
     scaling.check()
     config: dict = {
         "name": DEPLOYMENT,
         "max_ongoing_requests": options.max_batch + options.max_queue,
+        # Beyond the replicas' rows and queues, a bounded wait in the proxy, then 429 with Retry-After.
+        "max_queued_requests": options.max_queue if options.proxy_queue is None else options.proxy_queue,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1),
         "ray_actor_options": {"num_cpus": scaling.cpus, "num_gpus": scaling.gpus},
         "health_check_period_s": 2,
     }

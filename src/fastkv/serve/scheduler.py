@@ -7,22 +7,28 @@ One thread owns the model. Each turn of its loop it
    entries per layer, known before prefill), then prefills it alone (from the longest stored prefix of its
    prompt, with a prefix store) and lets it join the running batch;
 3. runs one decode step for every running request.
-So a long prefill pauses the running streams for that one prefill, never longer: between two prefills
-there is always a decode step. Requests wait in a bounded queue, first come first served (a large request
-at the head is not overtaken, so it cannot starve); a full queue refuses new ones (`QueueFull`).
+A prefill runs `prefill_chunk` tokens at a time through each layer's projections, attention and MLP, and
+once `step_budget` tokens of such work have run, the running batch takes a decode step: so a long prompt
+arriving does not freeze the streams (None: a prefill runs whole, pausing them for its duration).
+Requests wait in a bounded queue, first come first served (a large request at the head is not overtaken,
+so it cannot starve); a full queue refuses new ones (`QueueFull`).
 
 The prefix store (`llm.prefix_cache`, bounded by itself) shares the KV memory with the batch: a request
 that fits only without some stored prefixes evicts them, least recently used first, so requests always
 outrank cached prefixes; the store never holds more than the memory the batch leaves.
 
 Results travel to the asyncio side through each job's queue of events: ("text", piece), then
-("done", GenerationResult) or ("error", message).
+("done", GenerationResult) or ("error", message). A request's own failure (its prefill, its sampling or
+stop strings in the decode step) ends that request alone; a failure of a decode step itself ends the
+requests in it; if the engine thread itself dies, every waiting request fails at once and `dead` says why.
+Errors are logged with the request's id; clients get a message without the exception's text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -35,9 +41,19 @@ from ..methods import Method
 from ..results import GenerationResult
 from ..sampling import SamplingParams
 
+log = logging.getLogger("fastkv.serve")
+
 
 class QueueFull(Exception):
     """The wait queue is full: come back later."""
+
+
+class EngineDown(Exception):
+    """The engine thread has stopped (it died, or the server is shutting down)."""
+
+
+class Cancelled(Exception):
+    """The request being prefilled was cancelled (its client went away): stop its prefill."""
 
 
 class KVMemoryError(ValueError):
@@ -55,24 +71,39 @@ class Job:
     cancelled: bool = False
     id: int = field(default_factory=itertools.count().__next__)
     queued_at: float = field(default_factory=time.perf_counter)
+    rid: str = ""  # the HTTP request's id, which its client was given
+
+    @property
+    def request_id(self) -> str:
+        return self.rid or f"job-{self.id}"
 
     def send(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
+    def fail(self, what: str, error: BaseException | None = None) -> None:
+        """End this job with an error: its details go to the log under its request id, not to the client."""
+        if error is not None:
+            log.error("%s %s: %s: %s", self.request_id, what, type(error).__name__, error, exc_info=error)
+        self.send("error", f"{what} (request {self.request_id}; the server's log has the details)")
+
 
 class Scheduler:
-    def __init__(self, llm, kv_bytes: int, max_batch: int, max_queue: int, metrics=None, compile: bool = False):
+    def __init__(self, llm, kv_bytes: int, max_batch: int, max_queue: int, metrics=None, compile: bool = False,
+                 prefill_chunk: int | None = 256, step_budget: int = 1024):  # fmt: skip
         self.llm, self.adapter = llm, llm.adapter
+        self.prefill_chunk, self.step_budget, self._since_step = prefill_chunk, step_budget, 0
+        self._prefilling: Job | None = None
         self.kv_limit, self.max_batch, self.max_queue = kv_bytes, max_batch, max_queue
         self.metrics = metrics
         self.queue: deque[Job] = deque()
         self.jobs: dict[int, Job] = {}  # running, by id
         self.cond = threading.Condition()
         self.stopping = False
+        self.dead: str | None = None  # why the engine thread stopped, when it died
         self.batch = DecodeBatch(llm.model, llm.tokenizer, compile=compile, on_text=self._on_text)
         a = self.adapter
         self.entry_bytes = entry_bytes(a.num_kv_heads, a.head_dim, a.dtype.itemsize)  # one row's K and V
-        self.thread = threading.Thread(target=self._run, name="fastkv-engine", daemon=True)
+        self.thread = threading.Thread(target=self._serve, name="fastkv-engine", daemon=True)
 
     # -- the asyncio side ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -95,8 +126,10 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         with self.cond:
+            if self.dead is not None:
+                raise EngineDown(f"the engine has stopped: {self.dead}")
             if self.stopping:
-                raise QueueFull("the server is shutting down")
+                raise EngineDown("the server is shutting down")
             if len(self.queue) >= self.max_queue:
                 raise QueueFull(f"{len(self.queue)} requests are waiting already (--max-queue)")
             self.queue.append(job)
@@ -108,18 +141,27 @@ class Scheduler:
             job.cancelled = True
             self.cond.notify()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Admit nothing more, cancel what waits, let running requests finish (up to timeout), then stop."""
+    def close_admission(self) -> None:
+        """Admit nothing more and fail what waits; running requests go on."""
         with self.cond:
             self.stopping = True
             for job in self.queue:
-                job.send("error", "the server is shutting down")
+                job.fail("the server is shutting down")
             self.queue.clear()
+            self._gauges()
             self.cond.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Admit nothing more, fail what waits, let running requests finish (up to timeout), then end the
+        rest with an error and stop."""
+        self.close_admission()
         self.thread.join(timeout)
         with self.cond:
-            for job in self.jobs.values():
+            for job in list(self.jobs.values()):
                 job.cancelled = True
+                job.fail("the server is shutting down")
+            self.cond.notify()
+        self.thread.join(5)
 
     # -- the engine thread -----------------------------------------------------------------------------
     def kv_bytes_now(self) -> int:
@@ -142,6 +184,20 @@ class Scheduler:
         if store is not None and batch_bytes + store.bytes > self.kv_limit:
             store.evict(batch_bytes + store.bytes - self.kv_limit)
 
+    def _serve(self) -> None:
+        """The engine thread: `_run`, and if it dies, every request fails at once instead of waiting."""
+        try:
+            self._run()
+        except BaseException as e:  # the thread is gone: nothing else would ever answer
+            log.critical("the engine thread died: %s: %s", type(e).__name__, e, exc_info=e)
+            with self.cond:
+                self.dead = f"{type(e).__name__}"
+                for job in [*self.queue, *self.jobs.values()]:
+                    job.fail("the engine stopped")
+                self.queue.clear()
+                self.jobs.clear()
+                self._gauges()
+
     def _run(self) -> None:
         while True:
             with self.cond:
@@ -158,23 +214,49 @@ class Scheduler:
             if job is not None:
                 try:
                     self._prefill(job)
+                except Cancelled:
+                    pass
                 except Exception as e:  # this request's fault (or the engine's): it alone fails
                     self.jobs.pop(job.id, None)
-                    job.send("error", f"prefill failed: {type(e).__name__}: {e}")
-            try:
-                if self.batch.rows:
-                    for key, result in self.batch.step():
-                        self._finish(self.jobs[key], result)
-            except Exception as e:  # a fault in a decode step must not take the server down
-                self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
-            with self.cond:
-                self._gauges()
+                    job.fail("its prefill failed", e)
+                finally:
+                    self._prefilling = None
+            self._decode_once()
+
+    def _decode_once(self) -> None:
+        """One decode step for the running batch; the requests that end leave it."""
+        try:
+            if self.batch.rows:
+                for key, result in self.batch.step():
+                    self._finish(self.jobs[key], result)
+        except Exception as e:  # a fault of the decode step itself: the requests in it end
+            self._fail_all("a decode step failed", e)
+        with self.cond:
+            self._gauges()
+
+    def _between_chunks(self, tokens: int) -> None:
+        """Called inside a chunked prefill: a decode step for the running batch once `step_budget` tokens of
+        prefill work have run since the last one; the prefill stops if its own request was cancelled."""
+        self._since_step += tokens
+        if self._since_step < self.step_budget:
+            return
+        self._since_step = 0
+        with self.cond:
+            self._drop_cancelled()
+        if self._prefilling is not None and self._prefilling.cancelled:
+            raise Cancelled
+        self._decode_once()
 
     def _prefill(self, job: Job) -> None:
         if self.metrics:
             self.metrics.queue_seconds.observe(time.perf_counter() - job.queued_at)
-        done = prefill_prompt(self.adapter, job.ids, job.method, job.params.max_tokens,
-                              prefix_cache=self.llm.prefix_cache)  # fmt: skip
+        self._prefilling, self._since_step = job, 0
+        chunked = self.prefill_chunk is not None
+        done = prefill_prompt(self.adapter, job.ids, job.method, job.params.max_tokens, self.prefill_chunk,
+                              prefix_cache=self.llm.prefix_cache,
+                              on_chunk=self._between_chunks if chunked else None)  # fmt: skip
+        if job.cancelled or job.id not in self.jobs:  # its client went away during the prefill
+            return
         result = self.batch.join(job.id, done, job.params)
         self._fit_store(self.kv_bytes_now())  # what this prefill stored, within what the batch leaves
         if result is not None:
@@ -183,8 +265,11 @@ class Scheduler:
     def _on_text(self, key, piece: str) -> None:
         self.jobs[key].send("text", piece)
 
-    def _finish(self, job: Job, result: GenerationResult) -> None:
+    def _finish(self, job: Job, result: GenerationResult | Exception) -> None:
         self.jobs.pop(job.id, None)
+        if isinstance(result, Exception):  # its sampling or stop strings failed: this request alone ends
+            job.fail("generation failed", result)
+            return
         job.send("done", result)
         if self.metrics:
             self.metrics.finished(result)
@@ -201,10 +286,10 @@ class Scheduler:
             if self.metrics:
                 self.metrics.cancelled.inc(len(dropped))
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, what: str, error: Exception) -> None:
         for job in list(self.jobs.values()):
             self.batch.cancel(job.id)
-            job.send("error", message)
+            job.fail(what, error)
         self.jobs.clear()
 
     def _gauges(self) -> None:

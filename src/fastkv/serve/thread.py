@@ -6,9 +6,8 @@ import socket
 import threading
 import time
 
-import uvicorn
-
 from .api import create_app
+from .http import Connections, server
 
 
 def free_port() -> int:
@@ -29,12 +28,14 @@ def metric_total(url: str, name: str) -> float:
 
 
 class ServerThread:
-    """`create_app(llm, name, method, **options)` served on 127.0.0.1 at a free port until `close()`."""
+    """`create_app(llm, name, method, **options)` served on 127.0.0.1 at a free port until `close()`, by the
+    same server as `fastkv serve` (`http.server`, with its connection bounds)."""
 
-    def __init__(self, llm, name: str, method: str = "fastkv", **options) -> None:
+    def __init__(self, llm, name: str, method: str = "fastkv", connections: Connections = Connections(),
+                 **options) -> None:  # fmt: skip
         self.app = create_app(llm, name, method, **options)
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = server(self.app, "127.0.0.1", self.port, connections, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:

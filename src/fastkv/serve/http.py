@@ -1,0 +1,96 @@
+"""The HTTP server around the app: uvicorn, with bounds on what a slow or greedy client can hold.
+
+- A connection must send a whole request head within `header_timeout` seconds of connecting (or of its
+  previous response): uvicorn has no such bound, so a client sending a byte at a time held a connection
+  forever. Idle keep-alive connections close after `keep_alive` seconds.
+- At most `max_connections` connections at once: beyond them uvicorn answers 503.
+- Shutdown (SIGTERM, SIGINT) is bounded: admission stops and waiting requests fail at once, running ones
+  get `shutdown_timeout` seconds to finish, then the rest end with an error and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+@dataclass(frozen=True)
+class Connections:
+    header_timeout: float = 10.0
+    keep_alive: float = 5.0
+    max_connections: int = 256
+    shutdown_timeout: float = 30.0
+
+
+class HeadTimeout(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request head does not arrive in time."""
+
+    header_timeout: float = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def handle_events(self) -> None:
+        before = self.cycle
+        super().handle_events()
+        if self.cycle is not before:  # a request head arrived: it is the app's now
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()  # the next request's head must arrive in time too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_late)
+
+    def _disarm(self) -> None:
+        timer = getattr(self, "_head_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            with contextlib.suppress(h11.LocalProtocolError):
+                self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, telling the app's scheduler to stop admitting as soon as a shutdown signal comes."""
+
+    def __init__(self, config: uvicorn.Config, scheduler) -> None:
+        super().__init__(config)
+        self.scheduler = scheduler
+
+    def handle_exit(self, sig, frame) -> None:
+        self.scheduler.close_admission()
+        super().handle_exit(sig, frame)
+
+
+def server(app, host: str, port: int, limits: Connections = Connections(), log_level: str = "info") -> Server:
+    """A uvicorn server for a fastkv app (`create_app`), with `limits`."""
+    protocol = type("Bounded", (HeadTimeout,), {"header_timeout": limits.header_timeout})
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=protocol,
+        timeout_keep_alive=int(max(1, limits.keep_alive)),
+        limit_concurrency=limits.max_connections,
+        timeout_graceful_shutdown=int(max(1, limits.shutdown_timeout)),
+    )
+    return Server(config, app.state.scheduler)
