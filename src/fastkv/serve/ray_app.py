@@ -16,7 +16,7 @@ imports this module.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -163,7 +163,7 @@ def application(options: ReplicaOptions, scaling: Scaling):
         }
     else:
         config["num_replicas"] = scaling.replicas
-    replica_options = ReplicaOptions(**{**asdict(options), "threads": options.threads or max(1, int(scaling.cpus))})
+    replica_options = replace(options, threads=options.threads or max(1, int(scaling.cpus)))
 
     def built():  # a plain function: Serve calls it with no arguments inside each replica
         return build_app(replica_options)
