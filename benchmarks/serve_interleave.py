@@ -8,23 +8,21 @@ For each server setting (`--prefill-chunk` x `--prefill-budget`; chunk 0: whole 
 this process (127.0.0.1) with `--streams` clients streaming chat completions of `--stream-tokens`-token
 prompts (EOS ignored). Once every stream is decoding, a request with a `--long-tokens` prompt arrives. The
 gaps between a stream's tokens before it arrived give the p50 inter-token latency with no prefill running;
-the gaps while it prefills (until its first token) give p99 and max. Run nothing else meanwhile.
+every gap that overlaps the time from its arrival to its answer gives p99 and max. Run nothing else meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import threading
 import time
-from pathlib import Path
 
 import httpx
-import torch
 
 from fastkv import LLM
 from fastkv.eval.multiq import document
+from fastkv.precision import header
 from fastkv.serve.thread import ServerThread
 
 
@@ -44,9 +42,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def run(llm: LLM, args, chunk: int, budget: int) -> dict:
+def run(llm: LLM, args, chunk: int, budget: int, share: float) -> dict:
     server = ServerThread(llm, args.model, args.method, kv_mib=4096, prefix_cache_mib=0, max_batch=8,
-                          prefill_chunk=chunk or None, step_budget=budget)  # fmt: skip
+                          prefill_chunk=chunk or None, step_budget=budget, prefill_share=share)  # fmt: skip
     try:
         short = [document(llm.tokenizer, args.stream_tokens, 100 + i, 1)[0] + "\n\nSummarise."
                  for i in range(args.streams)]  # fmt: skip
@@ -58,6 +56,7 @@ def run(llm: LLM, args, chunk: int, budget: int) -> dict:
             t.start()
         while min(len(a) for a in arrivals) < 8:  # every stream decoding
             time.sleep(0.05)
+        decoding = time.perf_counter()  # every stream past its own prefill
         time.sleep(args.settle)
         long_text = document(llm.tokenizer, args.long_tokens, 7, 1)[0] + "\n\nSummarise."
         arrived = time.perf_counter()
@@ -71,10 +70,12 @@ def run(llm: LLM, args, chunk: int, budget: int) -> dict:
         for a in arrivals:
             for t0, t1 in zip(a, a[1:], strict=False):
                 if t1 <= arrived:
-                    quiet.append(t1 - t0)
-                elif t0 >= arrived and t1 <= answered:
+                    if t0 >= decoding:
+                        quiet.append(t1 - t0)
+                elif t0 < answered:  # a gap that overlaps the long prompt's prefill (or its queueing)
                     busy.append(t1 - t0)
-        return {"quiet_p50": statistics.median(quiet), "busy_p50": statistics.median(busy) if busy else float("nan"),
+        return {"quiet_p50": statistics.median(quiet), "quiet_max": max(quiet),
+                "busy_p50": statistics.median(busy) if busy else float("nan"),
                 "busy_p99": percentile(busy, 0.99), "busy_max": max(busy) if busy else float("nan"),
                 "prefill_s": reply["fastkv"]["prefill_seconds"], "tokens_during": len(busy),
                 "long_tokens": reply["usage"]["prompt_tokens"]}  # fmt: skip
@@ -90,24 +91,27 @@ def main() -> None:
     ap.add_argument("--stream-tokens", type=int, default=2048)
     ap.add_argument("--long-tokens", type=int, default=8192)
     ap.add_argument("--chunks", default="0,256", help="comma-separated --prefill-chunk values (0: whole prefills)")
-    ap.add_argument("--budgets", default="1024", help="comma-separated --prefill-budget values")
+    ap.add_argument("--budgets", default="8192", help="comma-separated --prefill-budget values")
+    ap.add_argument("--shares", default="1", help="comma-separated --prefill-share values (0: the token budget alone)")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds of decoding before the long prompt arrives")
     args = ap.parse_args()
     llm = LLM.load(args.model)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    print(f"# {args.model} {llm.precision}, {cpu}, {torch.get_num_threads()} threads; {args.streams} streams of "
+    print(header(f"{args.model} {llm.precision}"))
+    print(f"# {args.streams} streams of "
           f"{args.stream_tokens}-token prompts decoding, then a {args.long_tokens}-token prompt arrives "
           f"({args.method})")  # fmt: skip
-    print("| --prefill-chunk | --prefill-budget | ITL p50 s, no prefill | during the prefill: p50 | p99 | max "
-          "| max / quiet p50 | long prefill s | tokens streamed during it |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    for chunk in [int(c) for c in args.chunks.split(",")]:
-        for budget in [int(b) for b in args.budgets.split(",")] if chunk else [0]:
-            r = run(llm, args, chunk, budget or 1)
-            print(f"| {chunk or 'whole'} | {budget or '-'} | {r['quiet_p50']:.3f} | {r['busy_p50']:.3f} | "
-                  f"{r['busy_p99']:.3f} | {r['busy_max']:.3f} | {r['busy_max'] / r['quiet_p50']:.1f}x | "
-                  f"{r['prefill_s']:.1f} | {r['tokens_during']} |", flush=True)  # fmt: skip
+    print("| --prefill-chunk | --prefill-budget | --prefill-share | ITL p50 s, no prefill | max, no prefill | during "
+          "the prefill: p50 | p99 | max | max / quiet p50 | long prefill s | tokens streamed during it |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    settings = [(0, 0, 0.0)] if "0" in args.chunks.split(",") else []
+    settings += [(int(c), int(b), float(s)) for c in args.chunks.split(",") if int(c)
+                 for b in args.budgets.split(",") for s in args.shares.split(",")]  # fmt: skip
+    for chunk, budget, share in settings:
+        r = run(llm, args, chunk, budget or 1, share)
+        print(f"| {chunk or 'whole'} | {budget or '-'} | {share:g} | {r['quiet_p50']:.3f} | {r['quiet_max']:.3f} | "
+              f"{r['busy_p50']:.3f} | "
+              f"{r['busy_p99']:.3f} | {r['busy_max']:.3f} | {r['busy_max'] / r['quiet_p50']:.1f}x | "
+              f"{r['prefill_s']:.1f} | {r['tokens_during']} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

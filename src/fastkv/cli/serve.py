@@ -24,7 +24,10 @@ def serve(
     prefill_chunk: int = typer.Option(
         256, help="prefill this many prompt tokens at a time, with decode steps of running streams between; 0: whole"
     ),
-    prefill_budget: int = typer.Option(1024, help="tokens of prefill work between two decode steps"),
+    prefill_budget: int = typer.Option(8192, help="most tokens of prefill work between two decode steps"),
+    prefill_share: float = typer.Option(
+        1.0, help="most prefill time between two decode steps, in decode steps' time (0: --prefill-budget alone)"
+    ),
     max_queue: int = typer.Option(64, help="most requests waiting; more get 429"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     quantize: str = typer.Option("auto", help=QUANTIZE_HELP),
@@ -45,11 +48,14 @@ def serve(
         rich_help_panel="Ray",
     ),
     api_key: str | None = typer.Option(
-        None, envvar="FASTKV_API_KEY", help="require Authorization: Bearer KEY (also FASTKV_API_KEY)",
+        None,
+        envvar="FASTKV_API_KEY",
+        help="require Authorization: Bearer KEY (also FASTKV_API_KEY)",
         rich_help_panel="Access",
     ),  # fmt: skip
     allowed_host: list[str] = typer.Option(
-        [], help="a Host header to accept (repeatable); loopback binds accept only loopback names by default",
+        [],
+        help="a Host header to accept (repeatable); loopback binds accept only loopback names by default",
         rich_help_panel="Access",
     ),  # fmt: skip
     max_body_mb: float = typer.Option(8, help="largest request body, MB", rich_help_panel="Limits"),
@@ -82,6 +88,8 @@ def serve(
     if prefill_chunk < 0:
         fail(f"--prefill-chunk must be >= 0 (0: whole prefills), got {prefill_chunk}")
     chunk = prefill_chunk or None
+    if prefill_share < 0:
+        fail(f"--prefill-share must be >= 0 (0: the token budget alone), got {prefill_share}")
     bounds = {"--prefill-budget": prefill_budget, "--max-body-mb": max_body_mb, "--header-timeout": header_timeout,
               "--keep-alive": keep_alive,
               "--max-connections": max_connections, "--shutdown-timeout": shutdown_timeout,
@@ -100,7 +108,7 @@ def serve(
 
         options = ReplicaOptions(model, method, dtype, device, kv_mib, max_batch, max_queue, compile, quantize=quantize,
                                  prefix_cache_mib=prefix_cache_mib, limits=limits, prefill_chunk=chunk,
-                                 step_budget=prefill_budget)  # fmt: skip
+                                 step_budget=prefill_budget, prefill_share=prefill_share)  # fmt: skip
         scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing, replica_cpus, replica_gpus)
         serve_on_ray(options, scaling, host, port, ray_address)
         return
@@ -110,7 +118,8 @@ def serve(
     try:
         application = create_app(llm, model, method, kv_mib, max_batch, max_queue, compile=compile,
                                  prefix_cache_mib=prefix_cache_mib, limits=limits, shutdown_timeout=shutdown_timeout,
-                                 prefill_chunk=chunk, step_budget=prefill_budget)  # fmt: skip
+                                 prefill_chunk=chunk, step_budget=prefill_budget,
+                                 prefill_share=prefill_share)  # fmt: skip
     except ValueError as e:
         fail(f"--method: {e}")
     server(application, host, port, Connections(header_timeout, keep_alive, max_connections, shutdown_timeout)).run()

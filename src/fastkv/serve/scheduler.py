@@ -8,8 +8,13 @@ One thread owns the model. Each turn of its loop it
    prompt, with a prefix store) and lets it join the running batch;
 3. runs one decode step for every running request.
 A prefill runs `prefill_chunk` tokens at a time through each layer's projections, attention and MLP, and
-once `step_budget` tokens of such work have run, the running batch takes a decode step: so a long prompt
-arriving does not freeze the streams (None: a prefill runs whole, pausing them for its duration).
+the running batch takes a decode step between chunks once `step_budget` tokens of such work have run, or
+sooner, before the next chunk would take the prefill's time since the last step beyond `prefill_share`
+decode steps' time: so a long prompt arriving does not freeze the streams (None: a prefill runs whole,
+pausing them for its duration). Both bounds are needed because chunks differ in cost by about 5x (an
+attention chunk late in an 8K prompt against a projection chunk): a token budget alone that keeps every
+gap within 3x a decode step on a small CPU makes the prefill several times slower
+(benchmarks/results/serve-interleave-8k-cpu.txt).
 Requests wait in a bounded queue, first come first served (a large request at the head is not overtaken,
 so it cannot starve); a full queue refuses new ones (`QueueFull`).
 
@@ -89,9 +94,12 @@ class Job:
 
 class Scheduler:
     def __init__(self, llm, kv_bytes: int, max_batch: int, max_queue: int, metrics=None, compile: bool = False,
-                 prefill_chunk: int | None = 256, step_budget: int = 1024):  # fmt: skip
+                 prefill_chunk: int | None = 256, step_budget: int = 8192, prefill_share: float = 1.0):  # fmt: skip
         self.llm, self.adapter = llm, llm.adapter
-        self.prefill_chunk, self.step_budget, self._since_step = prefill_chunk, step_budget, 0
+        self.prefill_chunk, self.step_budget, self.prefill_share = prefill_chunk, step_budget, prefill_share
+        self._since_step, self._spent, self._mark = 0, 0.0, 0.0  # prefill work since the last decode step
+        self._chunks: deque[float] = deque(maxlen=3)  # the last chunks' seconds: what the next may take
+        self._step_seconds: float | None = None  # a decode step's time (moving average)
         self._prefilling: Job | None = None
         self.kv_limit, self.max_batch, self.max_queue = kv_bytes, max_batch, max_queue
         self.metrics = metrics
@@ -227,30 +235,43 @@ class Scheduler:
         """One decode step for the running batch; the requests that end leave it."""
         try:
             if self.batch.rows:
+                start = time.perf_counter()
                 for key, result in self.batch.step():
                     self._finish(self.jobs[key], result)
+                took = time.perf_counter() - start
+                self._step_seconds = took if self._step_seconds is None else 0.8 * self._step_seconds + 0.2 * took
         except Exception as e:  # a fault of the decode step itself: the requests in it end
             self._fail_all("a decode step failed", e)
         with self.cond:
             self._gauges()
 
     def _between_chunks(self, tokens: int) -> None:
-        """Called inside a chunked prefill: a decode step for the running batch once `step_budget` tokens of
-        prefill work have run since the last one; the prefill stops if its own request was cancelled."""
+        """Called inside a chunked prefill after each chunk: a decode step for the running batch once
+        `step_budget` tokens of prefill work have run since the last one, or once the next chunk (taken to
+        cost as much as the dearest of the last three) would bring the prefill's time since then beyond
+        `prefill_share` decode steps; the prefill stops if its own request was cancelled."""
+        now = time.perf_counter()
+        self._chunks.append(now - self._mark)
+        self._spent += now - self._mark
         self._since_step += tokens
-        if self._since_step < self.step_budget:
+        self._mark = now
+        late = (self.prefill_share > 0 and self._step_seconds is not None
+                and self._spent + max(self._chunks) > self.prefill_share * self._step_seconds)  # fmt: skip
+        if self._since_step < self.step_budget and not late:
             return
-        self._since_step = 0
+        self._since_step, self._spent = 0, 0.0
         with self.cond:
             self._drop_cancelled()
         if self._prefilling is not None and self._prefilling.cancelled:
             raise Cancelled
         self._decode_once()
+        self._mark = time.perf_counter()
 
     def _prefill(self, job: Job) -> None:
         if self.metrics:
             self.metrics.queue_seconds.observe(time.perf_counter() - job.queued_at)
-        self._prefilling, self._since_step = job, 0
+        self._prefilling, self._since_step, self._spent, self._mark = job, 0, 0.0, time.perf_counter()
+        self._chunks.clear()
         chunked = self.prefill_chunk is not None
         done = prefill_prompt(self.adapter, job.ids, job.method, job.params.max_tokens, self.prefill_chunk,
                               prefix_cache=self.llm.prefix_cache,
