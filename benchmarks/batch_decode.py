@@ -13,7 +13,6 @@ over the single sequence's.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -23,6 +22,7 @@ from fastkv import adapter_for, decode_step, prefill
 from fastkv.cache import merge
 from fastkv.methods import format_spec, parse, split_specs
 from fastkv.models import load
+from fastkv.precision import header
 
 
 def step_ms(adapter, cache, tokens, steps: int, compiled: bool) -> float:
@@ -62,8 +62,7 @@ def main() -> None:
     except ValueError as e:
         ap.error(str(e))
     print(
-        f"# {args.model} {args.dtype}{' compiled' if args.compile else ''} on "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        header() + f"\n# {args.model} {args.dtype}{' compiled' if args.compile else ''}, "
         f"{args.length}-token prompt, {args.steps} decode steps (median); tok/s x: over the first row of its "
         "method, and over the same row with the first --quantize"
     )

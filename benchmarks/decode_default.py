@@ -1,31 +1,31 @@
-"""Decode speed at the CPU default (bfloat16 with int8 weights, with and without torch.compile) against
-transformers' own float32 and bfloat16 decoding, in one run.
+"""Decode speed at the CPU default (what `fastkv info` picks: bfloat16 with int8 weights where bfloat16 is
+native, float32 with int8 weights where it is not; with and without torch.compile) against transformers'
+own float32 (and, where native, bfloat16) decoding, in one run.
 
     python benchmarks/decode_default.py                    # qwen2.5-0.5b, 4K-token prompt, FastKV
     python benchmarks/decode_default.py --length 8192 --method fullkv
 
-One process loads the model in float32, in the default dtype (`fastkv.models.default_dtype`) and, where
-that is bfloat16 on CPU, in it with int8 weight-only linears (`fastkv.quantize`, what `LLM.load` and
-`fastkv generate|serve` use by default there). It then times, one after the other on the same random-token
-prompt: transformers' prefill and decode loop in float32 and in the default dtype, and the engine's prefill
-and decode steps under --method in each precision, and in the last under torch.compile (compiled in a
-warm-up, not timed). Decode is the median of --steps steps. Ratios are to transformers in float32 and to
-transformers in the default dtype.
+One process loads the model in float32, in bfloat16 where it is native, and in the default precision
+(`fastkv.precision.auto`, what `LLM.load` and `fastkv generate|serve` use by default). It then times, one
+after the other on the same random-token prompt: transformers' prefill and decode loop in float32 and in
+bfloat16 where native, and the engine's prefill and decode steps under --method in each precision, and in
+the last under torch.compile (compiled in a warm-up, not timed). Decode is the median of --steps steps.
+Ratios are to transformers in float32 and in the fastest dtype it has here.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import prefill_decode as pd  # this directory's benchmark: its timing helpers
 import torch
+from transformers import AutoConfig
 
 from fastkv import adapter_for
 from fastkv.methods import format_spec, parse
-from fastkv.models import MODELS, default_dtype, load, prepare_dtype
-from fastkv.quantize import resolve_quantize
+from fastkv.models import DTYPES, MODELS, default_dtype, load, precision_auto, prepare, prepare_dtype
+from fastkv.precision import header
 
 
 def weight_mib(model: torch.nn.Module) -> float:
@@ -48,8 +48,10 @@ def main() -> None:
     name = {d: str(d).removeprefix("torch.") for d in dtypes}
     models, load_s = {}, {}
     variants = [(name[d], d, "none") for d in dtypes]
-    if resolve_quantize("auto", "cpu", best) == "int8":
-        variants.append((f"{name[best]}+int8", best, "int8"))
+    source = prepare(MODELS[args.model], progress=False) if args.model in MODELS else args.model
+    choice = precision_auto(AutoConfig.from_pretrained(source))
+    if choice.quantize == "int8":
+        variants.append((f"{choice.dtype}+int8", DTYPES[choice.dtype], "int8"))
     for label, d, quantize in variants:
         if args.model in MODELS:
             prepare_dtype(MODELS[args.model], d, progress=False)  # the dtype's cache, written once, untimed
@@ -61,8 +63,8 @@ def main() -> None:
     method = parse(args.method, knobs={"retain_rate": 0.1, "tsp_rate": 0.2})
     ids = pd.prompt(models["float32"].config.vocab_size, args.length)
     warm = ids[:, :256]
-    print(f"# {args.model}, {args.length}-token prompt, {args.steps} decode steps (median), {args.threads} threads, "
-          f"{platform.machine()}, torch {torch.__version__}; CPU default: {default}")  # fmt: skip
+    print(header(f"CPU default: {default} ({choice.why})"))
+    print(f"# {args.model}, {args.length}-token prompt, {args.steps} decode steps (median)")
     print(f"# engine method: {format_spec(method.bind(adapter_for(models[default]).num_layers))}")
     held = (f"{label} {weight_mib(m):.0f} MiB (loaded in {load_s[label]:.1f} s)" for label, m in models.items())
     print("# weights held: " + ", ".join(held))

@@ -18,7 +18,6 @@ The RULER half of the fidelity check compares committed evaluation runs instead:
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 from collections import defaultdict
 
@@ -26,6 +25,7 @@ import torch
 
 from fastkv import LLM, passkey_prompt
 from fastkv.eval.metrics import first_token_kl
+from fastkv.precision import header
 
 
 def mean(rows: list[dict], key: str) -> float:
@@ -57,7 +57,7 @@ def main() -> None:
         for seed in range(args.seeds)
     ]
     print(f"# {args.model}, {len(prompts)} passkey prompts ({args.lengths} tokens), greedy, {args.max_new_tokens} new")
-    print(f"# {platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    print(header())
     rows: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for n, needle in enumerate(prompts):
         for method in methods:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastkv.precision import header
 from fastkv.quantize import Int8Linear
 
 SHAPES = {
@@ -82,7 +83,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8,32,64,512", help="activation rows (tokens) per matmul")
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
-    print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}, bfloat16 activations unless named")
+    print(header("bfloat16 activations unless named"))
     print(
         "| linear | rows | bfloat16 ms | int8 kernel ms | dequantize + bfloat16 ms | Int8Linear ms "
         "| Int8Linear speedup |"

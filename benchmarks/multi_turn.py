@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ import torch
 from fastkv import LLM
 from fastkv.eval.multiq import session
 from fastkv.models import cache_root, write_gguf
+from fastkv.precision import header
 from fastkv.sampling import eos_ids
 
 # Runs inside the llama.cpp environment: {"gguf", "turns": [ids, ...], "new", "threads", "n_batch"} on stdin.
@@ -123,11 +123,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM.load(args.model, dtype=args.dtype, quantize=args.quantize)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    info = Path("/proc/cpuinfo").read_text()
-    flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in info)
-    print(f"# {args.model} {llm.precision}; {cpu} ({flags}); {args.threads} threads; torch {torch.__version__}")
+    print(header(f"{args.model} {llm.precision}"))
     print(f"# {args.questions} questions per document, {args.new_tokens} new tokens per turn, greedy, EOS ignored")
     for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
         s = session(llm.tokenizer, length, args.seed, 0, args.questions)
@@ -158,8 +154,10 @@ def main() -> None:
                     answers = sum(a["answer"] == b["answer"] for a, b in pairs)
                     tokens = sum(a["text"] == b["text"] for a, b in pairs)
                     n = len(pairs)
-                    same[method] = (f"follow-up prefill {speedup:.2f}x faster; answers (to their first EOS) the "
-                                    f"same in {answers}/{n}, all {args.new_tokens} tokens the same in {tokens}/{n}")
+                    same[method] = (
+                        f"follow-up prefill {speedup:.2f}x faster; answers (to their first EOS) the "
+                        f"same in {answers}/{n}, all {args.new_tokens} tokens the same in {tokens}/{n}"
+                    )
         for method, line in same.items():
             print(f"# fastkv {method} with the store against without: {line}")
         if "llama.cpp" in sessions:

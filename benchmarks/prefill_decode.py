@@ -24,7 +24,6 @@ import contextlib
 import ctypes
 import json
 import os
-import platform
 import statistics
 import threading
 import time
@@ -34,6 +33,7 @@ import torch
 from fastkv import KVCache, adapter_for, decode_step, prefill
 from fastkv.methods import FullKV, format_spec, parse, split_specs
 from fastkv.models import load
+from fastkv.precision import header
 
 
 class PeakMemory:
@@ -214,13 +214,10 @@ def main() -> None:
     # each method at each chunk size: fastkv/c2048 is FastKV's prefill over chunks of 2048 queries
     runs = {(f"{name}/c{chunk}" if chunk else name): (m, chunk) for chunk in chunks for name, m in methods.items()}
     vocab = model.config.vocab_size
-    where = platform.processor() or platform.machine()
-    if adapter.device.type == "cuda":
-        where = torch.cuda.get_device_name(adapter.device)
+    print(header())
     print(
         f"# {args.model} {args.dtype}{'' if args.quantize == 'none' else ' quantize=' + args.quantize}"
-        f"{' compiled decode' if COMPILE else ''} on {where}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} decode steps (median)"
+        f"{' compiled decode' if COMPILE else ''}, {args.steps} decode steps (median)"
     )
     for name, method in methods.items():
         print(f"#   {name}: {format_spec(method)}")
@@ -234,11 +231,11 @@ def main() -> None:
         "\n/HF: time divided by transformers' (<= 1.05: no slower); x HF: speedup over transformers; "
         "/Full: divided by the engine's FullKV; peak: most memory held beyond the start of the run (--memory)"
     )
-    header = (
+    columns = (
         f"{'tokens':>7} {'run':<13} {'prefill s':>9} {'/HF':>5} {'x HF':>5} {'/Full':>5} {'decode ms':>9} "
         f"{'/HF':>5} {'/Full':>5} {'KV MiB':>7} {'/Full':>5} {'peak MiB':>8} {'/Full':>5}"
     )
-    print("\n" + header)
+    print("\n" + columns)
     for length in [int(x) for x in args.lengths.split(",") if x]:
         ids = prompt(vocab, length).to(adapter.device)
         row: dict = {"tokens": length}

@@ -26,6 +26,7 @@ from serve_load import External, prompt, run_load  # this directory's load bench
 
 from fastkv import passkey_prompt
 from fastkv.models import load_tokenizer
+from fastkv.precision import header
 from fastkv.serve.ray_app import PATIENT_PROXY, ReplicaOptions, Scaling, start
 from fastkv.serve.thread import free_port
 
@@ -61,6 +62,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model, progress=False)
     texts = [prompt(tokenizer, args.prompt_tokens, seed) for seed in range(args.requests)]
     needle = passkey_prompt(tokenizer, args.passkey_tokens, depth=0.5, seed=7)
+    print(header())
     print(f"# {args.model}, method {args.method}, {args.cpus} CPUs shared by the replicas, {args.clients} clients, "
           f"{args.requests} requests of {args.prompt_tokens} prompt + {args.max_tokens} new tokens")  # fmt: skip
     rows = []

@@ -12,14 +12,12 @@ tokens it took from the store; /metrics gives the store's counters. Run nothing 
 from __future__ import annotations
 
 import argparse
-import platform
-from pathlib import Path
 
-import torch
 from openai import OpenAI
 
 from fastkv import LLM
 from fastkv.eval.multiq import conversation, document
+from fastkv.precision import header
 from fastkv.serve.thread import ServerThread
 
 
@@ -38,10 +36,8 @@ def main() -> None:
     try:
         client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         doc, facts = document(llm.tokenizer, args.length, args.seed, args.turns)
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), platform.processor())  # fmt: skip
-        print(f"# {args.model} {llm.precision} on {cpu} ({platform.machine()}), {torch.get_num_threads()} threads; "
-              f"server method {args.method}, --prefix-cache-mib {args.prefix_cache_mib:g}")  # fmt: skip
+        print(header(f"{args.model} {llm.precision}"))
+        print(f"# server method {args.method}, --prefix-cache-mib {args.prefix_cache_mib:g}")
         print("| turn | prompt tokens | prefill s | reused tokens | prefill / turn 1 | answer |")
         print("|---|---|---|---|---|---|")
         first = None

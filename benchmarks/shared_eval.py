@@ -19,6 +19,7 @@ import torch
 from fastkv import LLM
 from fastkv.eval import ruler
 from fastkv.methods import parse
+from fastkv.precision import header
 
 
 def timed(fn):
@@ -46,7 +47,8 @@ def main() -> None:
     methods = [parse(s) for s in [*specs, f"gemfilter(retain_rate={r})", f"fastkv(retain_rate={r})"]]
     methods.append(calibrated if source != "paper" else parse(f"fastkv(retain_rate={r}, kernel_size=13)"))
     options = {"max_tokens": sample.max_new_tokens}
-    print(f"# {args.model} {args.dtype}, {torch.get_num_threads()} threads, RULER {args.task}, {len(ids)} tokens")
+    print(header())
+    print(f"# {args.model} {args.dtype}, RULER {args.task}, {len(ids)} tokens")
     print(f"# calibrated fastkv: {source or 'none'}")
 
     llm.generate(ids[:256], "fullkv", max_tokens=2)  # warm-up

@@ -35,6 +35,7 @@ from fastkv import LLM
 from fastkv.chat import encode_prompt
 from fastkv.models import cache_root, write_gguf
 from fastkv.needle import passkey_prompt
+from fastkv.precision import header
 
 # Runs inside the llama.cpp environment: reads {"gguf", "ids", "warmup", "new", "threads", "n_batch"} on
 # stdin, prints one JSON line of timings.
@@ -110,6 +111,7 @@ def main() -> None:
     needle = passkey_prompt(llm.tokenizer, args.length, depth=0.5)
     ids = encode_prompt(llm.tokenizer, needle.text, chat=True)
     warmup = ids[:64]
+    print(header())
     print(f"# {args.model}: {len(ids)}-token passkey prompt (answer {needle.answer}), {args.new_tokens} new tokens, "
           f"greedy, EOS ignored; {args.threads} threads, {platform.machine()}, torch {torch.__version__}")  # fmt: skip
     rows = {}

@@ -61,9 +61,7 @@ def test_rows_end_on_their_own_and_others_go_on():
     eos = free[1][3]  # the second sequence meets it early; the others may too, later or never
     tokenizer = CharTokenizer(eos=eos)
     ended = []
-    batch = generate_batch(
-        model, tokenizer, prompts(), method, max_tokens=12, on_result=lambda i, r: ended.append(i)
-    )
+    batch = generate_batch(model, tokenizer, prompts(), method, max_tokens=12, on_result=lambda i, r: ended.append(i))
     assert batch[1].finish_reason == "eos" and len(batch[1].token_ids) <= 3
     assert ended[0] == 1 and sorted(ended) == [0, 1, 2]  # in the order they ended
     for prompt, result in zip(prompts(), batch, strict=True):

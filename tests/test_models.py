@@ -82,7 +82,10 @@ def test_unknown_model_is_named(name):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtype_is_bfloat16_only_on_cpus_that_compute_in_it(monkeypatch, native):
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    from fastkv import precision
+
+    flags = ("avx2", "avx512f", "avx512_bf16") if native else ("avx2",)
+    monkeypatch.setattr(precision, "machine", lambda: precision.Machine("mock", flags, "AVX512", None, 2, "x"))
     assert models.resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
     assert models.resolve_dtype("float32", "cpu") == torch.float32  # asked for: never overridden
     assert models.resolve_dtype(torch.float16) == torch.float16

@@ -16,11 +16,11 @@ from .conftest import build_tiny, prompt_ids
 
 
 def brute_force_int8(weight: torch.Tensor) -> torch.Tensor:
-    """The weight each row's int8 codes stand for, row by row: scale max|w| / 127 (stored in the weight's
-    dtype), codes rounded and kept within +-127."""
+    """The weight each row's int8 codes stand for, row by row: scale max|w| / 127 (stored in bfloat16),
+    codes rounded and kept within +-127."""
     rows = []
     for row in weight.detach().float():
-        scale = float(torch.tensor(float(row.abs().max()) / 127 or 1.0).to(weight.dtype))
+        scale = float(torch.tensor(float(row.abs().max()) / 127 or 1.0).to(torch.bfloat16))
         rows.append(torch.tensor([max(-127, min(127, round(float(w) / scale))) * scale for w in row]))
     return torch.stack(rows)
 
@@ -50,6 +50,30 @@ def test_int8_linear_equals_a_brute_force_dequantized_matmul(bias, rows, block, 
     assert (got.float() - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
+@pytest.mark.parametrize("rows", [1, KERNEL_ROWS, KERNEL_ROWS + 9])
+def test_float32_rows_on_int8_weights_are_cast_around_the_kernel_and_dequantized_beyond_it(rows):
+    """A float32 linear keeps bfloat16 scales (the kernel's dtype). Up to KERNEL_ROWS rows go to the kernel
+    as bfloat16 and come back float32: within bfloat16 rounding of the input. More rows take the float32
+    matmul on the dequantized weight: float32-accurate against the same brute-force weight."""
+    torch.manual_seed(1)
+    linear = nn.Linear(64, 40)
+    q = Int8Linear(linear)
+    assert q.scales.dtype == torch.bfloat16 and q.bias.dtype == torch.float32
+    expected_w = brute_force_int8(linear.weight)  # float32 weights, codes rounded against bfloat16 scales
+    assert torch.equal(q.weight.float() * q.scales.float()[:, None], expected_w)
+    x = torch.randn(3, rows, 64)
+    expected = x.double() @ expected_w.double().T + linear.bias.double()
+    with torch.inference_mode():
+        got = q(x)
+    assert got.shape == (3, rows, 40) and got.dtype == torch.float32
+    error = float((got.double() - expected).abs().max() / expected.abs().max())
+    if rows <= KERNEL_ROWS:
+        assert error <= 2**-6  # the rows' bfloat16 rounding, summed over 64 products
+        assert error > 1e-5  # they were rounded: the kernel path, not float32's
+    else:
+        assert error <= 1e-5
+
+
 def test_quantize_replaces_every_decoder_linear_and_the_output_layer():
     model = build_tiny("qwen2").bfloat16()
     embedding = model.model.embed_tokens.weight.clone()
@@ -59,8 +83,9 @@ def test_quantize_replaces_every_decoder_linear_and_the_output_layer():
     assert torch.equal(model.model.embed_tokens.weight, embedding)  # gathered, so left alone
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_the_engine_on_int8_weights_follows_transformers_forward(family):
+def test_the_engine_on_int8_weights_follows_transformers_forward(family, dtype):
     """transformers' own greedy generation through the same quantized modules is the reference, and we are fed
     its tokens (teacher forcing), so that a near-tie cannot send the two down different paths. At every step
     our logits equal the ones its own cached decoding produced, within bfloat16 rounding (measured: at most
@@ -68,8 +93,8 @@ def test_the_engine_on_int8_weights_follows_transformers_forward(family):
     own wherever its best token leads the second by more than that rounding could move: a tie, which another
     ISA's rounding may flip, is skipped, and most steps must be clear. Both stay near the unquantized model
     (misplaced scales or a transposed weight would be off by about 100%)."""
-    model = build_tiny(family).bfloat16()
-    plain = build_tiny(family).bfloat16()
+    model = build_tiny(family).to(dtype)
+    plain = build_tiny(family).to(dtype)
     quantize_int8(model)
     ids, steps = prompt_ids(48, seed=3), 12
     with torch.inference_mode():
@@ -106,21 +131,24 @@ def test_a_batch_on_int8_weights_equals_each_solo_run(tiny_dir):
     assert [r.token_ids for r in batch] == [r.token_ids for r in solo]
 
 
-def test_auto_quantizes_only_bfloat16_on_cpu(tiny_dir):
+def test_auto_at_an_explicit_dtype_quantizes_only_bfloat16_on_cpu(tiny_dir):
     assert resolve_quantize("auto", "cpu", torch.bfloat16) == "int8"
-    assert resolve_quantize("auto", "cpu", torch.float32) == "none"
+    assert resolve_quantize("auto", "cpu", torch.float32) == "none"  # float32 asked: float32 weights
     assert resolve_quantize("auto", "cuda", torch.bfloat16) == "none"
     assert resolve_quantize("none", "cpu", torch.bfloat16) == "none"
+    assert resolve_quantize("int8", "cpu", torch.float32) == "int8"
     plain = LLM.load(str(tiny_dir), dtype="float32", progress=False)
     assert type(plain.model.lm_head) is nn.Linear and plain.precision == "float32"
     kept = LLM.load(str(tiny_dir), dtype="bfloat16", quantize="none", progress=False)
     assert type(kept.model.lm_head) is nn.Linear
+    both = LLM.load(str(tiny_dir), dtype="float32", quantize="int8", progress=False)
+    assert isinstance(both.model.lm_head, Int8Linear) and both.precision == "float32+int8"
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--quantize", "int8", "--dtype", "float32"], "quantize='int8' needs bfloat16 on CPU (asked: float32"),
+        (["--quantize", "int8", "--dtype", "float16"], "needs float32 or bfloat16 on CPU (asked: float16"),
         (["--quantize", "int4"], "unknown quantize 'int4'"),
     ],
 )

@@ -55,8 +55,9 @@ class LLM:
         quantize: str = "auto",
         prefix_cache_mib: float = 0,
     ) -> LLM:
-        """A model by name (`fastkv.models.load`), by default in the device's dtype with int8 weights where
-        they decode faster (bfloat16 on CPU; `quantize="none"` keeps the dtype's weights)."""
+        """A model by name (`fastkv.models.load`), by default in the precision measured fastest on this
+        machine (`fastkv info`: bfloat16 + int8 weights where bfloat16 is native, float32 + int8 where it
+        is not); `quantize="none"` keeps the dtype's weights."""
         from .models import DEFAULT_MODEL, load
 
         name = name or DEFAULT_MODEL

@@ -18,27 +18,22 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_HELP = "auto (the device's default: bfloat16 on CPUs with AVX512-BF16 or AMX, and on CUDA), float32, bfloat16"
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); without it bfloat16 matmuls are
-    emulated and slower than float32. Read from /proc/cpuinfo: False where that does not exist."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+DTYPE_HELP = (
+    "auto (on CPU with --quantize auto: the fastest for this machine, measured once, see `fastkv info`; "
+    "else bfloat16 where native), float32, bfloat16"
+)
 
 
 def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """The dtype "auto" means on a device, chosen from measurements (README, "Precision"): bfloat16 where the
-    hardware has it (the same RULER scores as float32, about 2x faster prefill and decode on this CPU),
-    float16 on CUDA GPUs without bfloat16, float32 elsewhere."""
+    """The dtype "auto" means on a device without measuring: bfloat16 on CPUs where it is native
+    (`fastkv.precision.Machine.native_bf16`: AVX512-BF16 or AMX, not capped) and on CUDA GPUs that have it,
+    float16 on other CUDA GPUs, float32 elsewhere. `load` with quantize "auto" measures instead on CPU."""
+    from .precision import machine
+
     where = torch.device(device)
     if where.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if where.type == "cpu" and cpu_has_native_bf16():
+    if where.type == "cpu" and machine().native_bf16:
         return torch.bfloat16
     return torch.float32
 
@@ -250,19 +245,22 @@ def load(
     progress: bool = True,
     quantize: str = "none",
 ):
-    """Load (model, tokenizer) by registered name, local directory, local .gguf file or HF model id, in
-    `dtype` ("auto": the device's default, `default_dtype`). quantize: "int8" stores the linears' weights
-    as int8 (`fastkv.quantize`), "auto" does where it is faster (bfloat16 on CPU), "none" keeps `dtype`."""
+    """Load (model, tokenizer) by registered name, local directory, local .gguf file or HF model id.
+
+    dtype "auto" with quantize "auto" on CPU: the combination `fastkv.precision.auto` measures fastest on
+    this machine at this model's shapes (bfloat16 + int8 with native bfloat16, float32 + int8 without).
+    Otherwise dtype "auto" is `default_dtype`, and quantize "int8" stores the linears' weights as int8
+    (`fastkv.quantize`), "auto" does for bfloat16 on CPU, "none" keeps `dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .quantize import quantize_int8, resolve_quantize
+    from .quantize import QUANTIZE, quantize_int8, resolve_quantize
 
     check_device(device)
-    dtype = resolve_dtype(dtype, device)
-    quantize = resolve_quantize(quantize, device, dtype)
+    if quantize not in QUANTIZE:
+        resolve_quantize(quantize, device, torch.float32)  # the error that names the choices
     kwargs: dict = {}
     if name in MODELS:
-        source = prepare_dtype(MODELS[name], dtype, progress=progress)
+        source = prepare(MODELS[name], progress=progress)
     elif name.endswith(".gguf") and Path(name).is_file():
         source, kwargs = Path(name).parent, {"gguf_file": Path(name).name}
     elif Path(name).is_dir() or _looks_like_hub_id(name):
@@ -272,6 +270,13 @@ def load(
             f"unknown model {name!r}: use a registered name ({', '.join(MODELS)}), a local directory, "
             "a .gguf file or a HuggingFace model id"
         )
+    if dtype == "auto" and quantize == "auto" and torch.device(device).type == "cpu":
+        choice = precision_auto(_config(source, kwargs, name))  # measured once per machine and shape
+        dtype, quantize = choice.dtype, choice.quantize
+    dtype = resolve_dtype(dtype, device)
+    quantize = resolve_quantize(quantize, device, dtype)
+    if name in MODELS:
+        source = prepare_dtype(MODELS[name], dtype, progress=progress)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
@@ -281,6 +286,22 @@ def load(
     if quantize == "int8":
         quantize_int8(model)
     return model, tokenizer
+
+
+def _config(source, kwargs: dict, name: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise ValueError(f"could not load model {name!r}: {err}") from err
+
+
+def precision_auto(config):
+    """`fastkv.precision.auto` at this model's shapes: what "auto" dtype and quantize resolve to on CPU."""
+    from .precision import auto, largest_linear
+
+    return auto(largest_linear(config))
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL, progress: bool = True):

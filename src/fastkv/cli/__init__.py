@@ -1,10 +1,10 @@
-"""The `fastkv` command, one module per subcommand: generate, serve, models, methods, calibrate, demo, eval."""
+"""The `fastkv` command, one module per subcommand: generate, serve, models, methods, calibrate, demo, info, eval."""
 
 from __future__ import annotations
 
 import typer
 
-from . import calibrate, demo, generate, methods, models, serve
+from . import calibrate, demo, generate, info, methods, models, serve
 from .eval import app as eval_app
 
 app = typer.Typer(
@@ -18,6 +18,7 @@ app.command()(models.models)
 app.command()(methods.methods)
 app.command()(calibrate.calibrate)
 app.command()(demo.demo)
+app.command()(info.info)
 app.add_typer(eval_app, name="eval")
 
 if __name__ == "__main__":

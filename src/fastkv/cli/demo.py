@@ -19,6 +19,13 @@ def run_demo_method(llm, method: Method, prompt: str, max_new_tokens: int):
         return llm.generate(prompt, method, max_tokens=max_new_tokens, chat=True, on_layer=on_layer)
 
 
+def step_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: the decoder layers' and the output layer's (the embedding is
+    gathered one row at a time), each tensor once."""
+    tensors = {t.data_ptr(): t for m in (model.model.layers, model.lm_head) for t in [*m.parameters(), *m.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def demo(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     tokens: int = typer.Option(4096, help="prompt length in tokens"),
@@ -45,7 +52,9 @@ def demo(
             fail(str(e))
     base = results[0].stats
     table = Table(title=f"{model}: passkey at {results[0].stats.prompt_tokens} tokens (answer {needle.answer})")
-    for col in ("method", "answer", "correct", "prefill s", "decode tok/s", "KV MiB", "prefill x", "decode x"):
+    weights = step_weight_bytes(llm.model)
+    for col in ("method", "answer", "correct", "prefill s", "decode tok/s", "KV MiB", "KV share of a step's reads",
+                "prefill x", "decode x"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("method", "answer") else "right")
     for method, r in zip(runs, results, strict=True):
         s = r.stats
@@ -56,11 +65,14 @@ def demo(
             f"{s.prefill_seconds:.2f}",
             rate(s.decode_tokens_per_s),
             f"{s.kv_bytes / 2**20:.1f}",
+            f"{s.kv_bytes / (s.kv_bytes + weights):.0%}",
             rate(base.prefill_seconds / s.prefill_seconds),
             rate(s.decode_tokens_per_s / base.decode_tokens_per_s),
         )
     out.print(table)
-    out.print("speedups are against FullKV in this run; the methods as they ran:")
+    out.print(f"speedups are against FullKV in this run ({llm.precision}). A decode step reads every weight once "
+              f"({weights / 2**20:.0f} MiB) plus the KV cache: where the KV is a small share of that, compressing "
+              "it cannot speed decode much, and the weights' format decides (`fastkv info`). The methods as they ran:")
     for r in results:
         source = f" (FastKV defaults: {r.stats.defaults})" if r.stats.defaults else ""
         out.print(f"  {short_spec(r.stats.method)}{source}", highlight=False)

@@ -103,7 +103,7 @@ RETAIN = typer.Option(0.1, help="KV budget of every method that has one and does
 # from any machine compare, and the committed runs resume in the precision they began in.
 EVAL_DTYPE = typer.Option("float32", help="float32 (the reference, the default of committed runs), bfloat16, float16")
 DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
-EVAL_QUANTIZE = typer.Option("none", help="none (the reference), int8 (int8 weights, with --dtype bfloat16 on CPU)")
+EVAL_QUANTIZE = typer.Option("none", help="none (the reference), int8 (int8 weights on CPU, float32 or bfloat16)")
 TSP = typer.Option(0.2, help="TSP rate of every method with TSP that does not set it")
 OUT = typer.Option(None, "--out", "-o", help="output directory (default: runs/<suite>)")
 LIMIT = typer.Option(None, help="answer at most N items per task (quick runs)")
