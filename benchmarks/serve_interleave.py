@@ -2,11 +2,12 @@
 chunked prefill interleaved with decode steps, side by side in one run.
 
     python benchmarks/serve_interleave.py                        # 4 streams at 2K, an 8K prompt arriving
-    python benchmarks/serve_interleave.py --chunks 0,256 --budgets 512,1024,2048
+    python benchmarks/serve_interleave.py --chunks 0,256 --budgets 1024,8192 --shares 0,1
 
-For each server setting (`--prefill-chunk` x `--prefill-budget`; chunk 0: whole prefills) the server runs in
-this process (127.0.0.1) with `--streams` clients streaming chat completions of `--stream-tokens`-token
-prompts (EOS ignored). Once every stream is decoding, a request with a `--long-tokens` prompt arrives. The
+For each server setting (`--prefill-chunk` x `--prefill-budget` x `--prefill-share`; chunk 0: whole
+prefills) the server runs in this process (127.0.0.1) with `--streams` clients streaming chat completions
+of `--stream-tokens`-token prompts (EOS ignored), with logprobs, so that every token is timed as it
+arrives. Once every stream is decoding, a request with a `--long-tokens` prompt arrives. The
 gaps between a stream's tokens before it arrived give the p50 inter-token latency with no prefill running;
 every gap that overlaps the time from its arrival to its answer gives p99 and max. Run nothing else meanwhile.
 """
@@ -14,6 +15,7 @@ every gap that overlaps the time from its arrival to its answer gives p99 and ma
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import threading
 import time
@@ -27,12 +29,16 @@ from fastkv.serve.thread import ServerThread
 
 
 def stream(url: str, model: str, text: str, tokens: int, arrivals: list[float], stop: threading.Event) -> None:
+    # logprobs, so that every token arrives in its own chunk, its text final or not (an unfinished character,
+    # an end-of-turn token skipped as special): each token's arrival is timed, not only visible text's.
     body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+            "temperature": 0, "ignore_eos": True, "stream": True, "logprobs": True}  # fmt: skip
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
         for line in response.iter_lines():
-            if line.startswith("data: ") and '"content"' in line:
-                arrivals.append(time.perf_counter())
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:])["choices"]
+                logprobs = choices[0].get("logprobs") if choices else None
+                arrivals.extend([time.perf_counter()] * len(logprobs["content"] if logprobs else []))
             if stop.is_set():
                 break
 

@@ -269,8 +269,22 @@ def compatibility(server) -> Counter:
     lp = text.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 3
     n += 1
-    refused = httpx.post(server.url + "/v1/completions", json=with_(OK, logprobs=1, stream=True))
-    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+    # Streamed, every token is reported once, in order, with the logprobs the same request gets unstreamed.
+    pieces = list(client.chat.completions.create(model="tiny", messages=CHAT["messages"], max_tokens=6,
+                                                 temperature=0, logprobs=True, top_logprobs=2, stream=True,
+                                                 extra_body={"ignore_eos": True}))  # fmt: skip
+    streamed = [t for c in pieces if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    whole = client.chat.completions.create(model="tiny", messages=CHAT["messages"], max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})  # fmt: skip
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in whole.choices[0].logprobs.content]
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == whole.choices[0].message.content
+    n += 1
+    texts = list(client.completions.create(model="tiny", prompt="Hello there", max_tokens=5, temperature=0, logprobs=1,
+                                           stream=True, extra_body={"ignore_eos": True}))  # fmt: skip
+    parts = [c.choices[0].logprobs for c in texts if c.choices[0].logprobs is not None]
+    assert sum(len(p.tokens) for p in parts) == 5
+    offsets = [o for p in parts for o in p.text_offset]
+    assert offsets == sorted(offsets) and offsets[0] == 0
     return Counter({"compatibility": n + 1})
 
 

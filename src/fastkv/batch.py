@@ -85,6 +85,7 @@ class Row:
     kv: tuple[int, int, list[int]]  # bytes after prefill, a full cache's bytes, entries per layer
     started: float | None = None  # when its first decode step began
     steps: int = 0  # decode steps it took part in
+    sent: int = 0  # tokens whose logprobs went out with on_text (when logprobs are asked for)
 
     def add(self, logits: torch.Tensor) -> bool:
         """Sample its next token from logits [V] and take it; False once it has ended."""
@@ -123,7 +124,9 @@ class DecodeBatch:
     """Sequences decoding together, one token each per `step`; sequences join and leave between steps."""
 
     def __init__(self, model, tokenizer, compile: bool = False, on_text: Callable[[object, str], None] | None = None):
-        """on_text(key, piece) receives each row's text as it becomes final (for streaming)."""
+        """on_text(key, piece, logprobs) receives each row's text as it becomes final (for streaming); where
+        the row asks for logprobs, also the TokenLogprobs of its tokens since the last call, so that every
+        token is reported in the step that made it even when its text is not final yet (else None)."""
         self.model, self.tokenizer, self.compile, self.on_text = model, tokenizer, compile, on_text
         self.adapter = adapter_for(model)
         self.eos = eos_ids(model, tokenizer)
@@ -197,8 +200,13 @@ class DecodeBatch:
             self.cache = keep_rows(self.cache, keep) if keep else None
 
     def _emit(self, row: Row, final: bool = False) -> None:
-        if self.on_text is not None and (piece := row.transcript.ready(final)):
-            self.on_text(row.key, piece)
+        if self.on_text is None:
+            return
+        piece, fresh = row.transcript.ready(final), None
+        if row.params.logprobs is not None:
+            fresh, row.sent = row.transcript.logprobs[row.sent :], len(row.transcript.logprobs)
+        if piece or fresh:
+            self.on_text(row.key, piece, fresh)
 
     def _finish(self, row: Row) -> GenerationResult:
         self._emit(row, final=True)
@@ -212,7 +220,7 @@ def decode_alone(
     """Decode one prefilled sequence as a batch of one row, yielding its text as it becomes final; the
     generator's return value is its result."""
     pieces: list[str] = []
-    batch = DecodeBatch(model, tokenizer, compile, on_text=lambda _key, piece: pieces.append(piece))
+    batch = DecodeBatch(model, tokenizer, compile, on_text=lambda _key, piece, _lp: piece and pieces.append(piece))
     result = batch.join(0, prefilled, params)
     while result is None:
         yield from pieces

@@ -5,7 +5,9 @@ implement is refused by name) and one extension, `"fastkv": {"method": "<spec>"}
 it with `extra_body`). Responses carry `usage`, `finish_reason`, `logprobs` when asked for and, in the
 extension field `fastkv`, the request's stats: canonical method spec, where FastKV's defaults came from,
 prefill seconds, KV bytes, prompt tokens reused from the prefix store. Streams are server-sent events in
-OpenAI's chunk format, ended by `data: [DONE]`; a client that goes away has its request cancelled.
+OpenAI's chunk format, ended by `data: [DONE]`, each chunk with the logprobs of the tokens it reports
+when asked for (a token whose text is not final yet still gets its chunk); a client that goes away has its
+request cancelled.
 
 Every error, whatever raised it (a route that does not exist, a body that is not JSON, a bad field, the
 engine), is OpenAI's error JSON with a 4xx or 5xx status chosen by the error's type, never by its text;
@@ -122,9 +124,6 @@ def sampling_of(served: Served, body: Sampling, prompt_len: int) -> SamplingPara
     limit = (body.max_completion_tokens if chat else None) or body.max_tokens
     room = served.llm.adapter.max_positions - prompt_len
     logprobs = requested_logprobs(body)
-    if logprobs is not None and body.stream:
-        raise APIError(400, "logprobs are not streamed by this server: ask without stream", "logprobs",
-                       "unsupported_field")  # fmt: skip
     try:
         return SamplingParams(
             max_tokens=limit or max(1, min(256 if chat else 16, room)),
@@ -174,9 +173,10 @@ def token_text(tokenizer, token: int) -> str:
     return tokenizer.decode([token])
 
 
-def logprobs_json(served: Served, result: GenerationResult, chat: bool) -> dict | None:
-    """OpenAI's logprobs of the generated tokens: chat's `content` list, or completions' parallel lists."""
-    if result.logprobs is None:
+def logprobs_json(served: Served, found: list | None, chat: bool, offset: int = 0) -> dict | None:
+    """OpenAI's logprobs of generated tokens (`TokenLogprob`s): chat's `content` list, or completions'
+    parallel lists with text offsets counted from `offset` (a stream's text so far)."""
+    if found is None:
         return None
     tok = served.llm.tokenizer
     if chat:
@@ -186,21 +186,21 @@ def logprobs_json(served: Served, result: GenerationResult, chat: bool) -> dict 
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
         content = [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
-                   for t in result.logprobs]  # fmt: skip
+                   for t in found]  # fmt: skip
         return {"content": content}
-    tokens = [token_text(tok, t.token) for t in result.logprobs]
-    offsets = list(itertools.accumulate([0, *map(len, tokens)]))[:-1]
+    tokens = [token_text(tok, t.token) for t in found]
+    offsets = list(itertools.accumulate([offset, *map(len, tokens)]))[:-1]
     return {
         "tokens": tokens,
-        "token_logprobs": [t.logprob for t in result.logprobs],
-        "top_logprobs": [{token_text(tok, i): lp for i, lp in t.top} for t in result.logprobs],
+        "token_logprobs": [t.logprob for t in found],
+        "top_logprobs": [{token_text(tok, i): lp for i, lp in t.top} for t in found],
         "text_offset": offsets,
     }
 
 
 def response(served: Served, rid: str, created: int, chat: bool, result: GenerationResult, source: str) -> dict:
     choice: dict = {"index": 0, "finish_reason": FINISH[result.finish_reason],
-                    "logprobs": logprobs_json(served, result, chat)}  # fmt: skip
+                    "logprobs": logprobs_json(served, result.logprobs, chat)}  # fmt: skip
     if chat:
         choice["message"] = {"role": "assistant", "content": result.text}
     else:
@@ -217,13 +217,16 @@ def response(served: Served, rid: str, created: int, chat: bool, result: Generat
 
 
 def chunk(served: Served, rid: str, created: int, chat: bool, piece: str | None, finish: str | None = None,
-          **extra) -> str:  # fmt: skip
-    """One server-sent event of a stream; piece None opens a chat stream (its role) or closes a completion's."""
+          logprobs: dict | None = None, **extra) -> str:  # fmt: skip
+    """One server-sent event of a stream; piece None opens a chat stream (its role) or closes a completion's.
+    logprobs: those of the tokens this chunk reports (`logprobs_json`)."""
     if chat:
         delta = {"role": "assistant", "content": ""} if piece is None else {"content": piece}
         choice = {"index": 0, "delta": delta if finish is None else {}, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = logprobs
     else:
-        choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
+        choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": logprobs}
     kind = "chat.completion.chunk" if chat else "text_completion"
     body = {"id": rid, "object": kind, "created": created, "model": served.name, "choices": [choice], **extra}
     return f"data: {json.dumps(body)}\n\n"
@@ -270,13 +273,17 @@ async def events(served: Served, job: Job, rid: str, created: int, chat: bool, s
     """A job's stream of server-sent events; with_usage (stream_options.include_usage): every chunk carries
     "usage": null and a last chunk, with no choices, the usage."""
     extra = {"usage": None} if with_usage else {}
+    sent = 0  # characters of text streamed so far: completions' text offsets count from it
     try:
         if chat:
             yield chunk(served, rid, created, chat, None, **extra)
         while True:
             event, value = await job.events.get()
             if event == "text":
-                yield chunk(served, rid, created, chat, value, **extra)
+                piece, found = value
+                logprobs = logprobs_json(served, found, chat, sent)
+                sent += len(piece)
+                yield chunk(served, rid, created, chat, piece, logprobs=logprobs, **extra)
             elif event == "done":
                 yield chunk(served, rid, created, chat, None if chat else "", FINISH[value.finish_reason],
                             fastkv=stats(value, source), **(extra or {"usage": usage(value)}))  # fmt: skip

@@ -22,7 +22,8 @@ The prefix store (`llm.prefix_cache`, bounded by itself) shares the KV memory wi
 that fits only without some stored prefixes evicts them, least recently used first, so requests always
 outrank cached prefixes; the store never holds more than the memory the batch leaves.
 
-Results travel to the asyncio side through each job's queue of events: ("text", piece), then
+Results travel to the asyncio side through each job's queue of events: ("text", (piece, logprobs of the
+tokens since the last one, or None)), then
 ("done", GenerationResult) or ("error", message). A request's own failure (its prefill, its sampling or
 stop strings in the decode step) ends that request alone; a failure of a decode step itself ends the
 requests in it; if the engine thread itself dies, every waiting request fails at once and `dead` says why.
@@ -283,8 +284,8 @@ class Scheduler:
         if result is not None:
             self._finish(job, result)
 
-    def _on_text(self, key, piece: str) -> None:
-        self.jobs[key].send("text", piece)
+    def _on_text(self, key, piece: str, logprobs) -> None:
+        self.jobs[key].send("text", (piece, logprobs))
 
     def _finish(self, job: Job, result: GenerationResult | Exception) -> None:
         self.jobs.pop(job.id, None)
