@@ -67,14 +67,36 @@ def times(linear: nn.Linear, q: Int8Linear, x: torch.Tensor) -> tuple[float, flo
     )
 
 
+def int4_kernel(weight: torch.Tensor, group: int = 32):
+    """torch's CPU int4 weight-only kernel on `weight` [n, k] (asymmetric 4-bit codes per group of `group`
+    inputs, bfloat16 scales and zeros): a function of bfloat16 rows, or None where torch lacks it."""
+    n, k = weight.shape
+    w = weight.float().view(n, k // group, group)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    codes = ((w - low) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    except (AttributeError, RuntimeError):
+        return None
+    # the kernel's convention: w = (code - 8) * scale + zero
+    both = torch.stack([scale.squeeze(-1), (low + 8 * scale).squeeze(-1)], -1).transpose(0, 1).contiguous()
+    both = both.bfloat16()
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, both)
+
+
 def one_row_alternatives(linear: nn.Linear, q: Int8Linear, x: torch.Tensor) -> str:
-    """Cells for one float32 row x: float32 matmul, the int8 kernel in float32, torchao (bfloat16)."""
+    """Cells for one float32 row x: float32 matmul, the int8 kernel fed float32, the int8 kernel with the row
+    cast to bfloat16 and back (what `Int8Linear` does for float32 models), int4, torchao (bfloat16)."""
     w32, s32, xb = linear.weight.float(), q.scales.float(), x.bfloat16()
     f32 = ms(lambda: F.linear(x, w32))
     f32_kernel = ms(lambda: torch.ops.aten._weight_int8pack_mm(x, q.weight, s32))
+    cast = ms(lambda: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q.weight, q.scales).float())
+    int4 = int4_kernel(linear.weight)
+    int4_ms = f"{ms(lambda: int4(xb)):.3f}" if int4 is not None else "(not in this torch)"
     ao = torchao_linear(linear)
     ao_ms = f"{ms(lambda: ao(xb)):.3f}" if ao is not None else "(torchao not installed)"
-    return f"{f32:.3f} | {f32_kernel:.3f} | {ao_ms}"
+    return f"{f32:.3f} | {f32_kernel:.3f} | {cast:.3f} | {int4_ms} | {ao_ms}"
 
 
 @torch.inference_mode()
@@ -101,8 +123,9 @@ def main() -> None:
         extra.append(f"| {name} | {one_row_alternatives(linear, q, torch.randn(1, k, generator=g))} |")
     print()
     print("One row:")
-    print("| linear | float32 ms | int8 kernel, float32 activations ms | torchao int8 weight-only (eager) ms |")
-    print("|---|---|---|---|")
+    print("| linear | float32 ms | int8 kernel, float32 rows ms | int8 kernel, rows cast to bfloat16 ms "
+          "| int4 kernel (group 32), bfloat16 ms | torchao int8 weight-only (eager) ms |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     print("\n".join(extra))
 
 

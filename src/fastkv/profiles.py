@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .models import cache_root
+from .paths import cache_root
 
 PRESET = "fastkv"
 

@@ -25,7 +25,7 @@ def calibrate(
     """Find the FastKV settings that fit a model and save them as its profile (it resumes if stopped)."""
     from ..calibrate.prompts import NEEDLES, PER_KIND
     from ..calibrate.search import calibrate as run_calibration
-    from ..models import cache_root
+    from ..paths import cache_root
     from ..profiles import user_path
 
     if not 0 < budget <= 1 or min_speedup <= 0 or candidates < 1:

@@ -9,6 +9,7 @@ from ..console import err, fail, load_llm, out
 from ..methods import FastKV, FullKV, Method, SnapKV, short_spec
 from ..models import DEFAULT_MODEL, DTYPE_HELP
 from ..needle import passkey_prompt
+from ..precision import decode_weight_bytes
 from ..quantize import QUANTIZE_HELP
 from .common import prefill_progress, rate
 
@@ -17,13 +18,6 @@ def run_demo_method(llm, method: Method, prompt: str, max_new_tokens: int):
     progress, on_layer = prefill_progress(llm.adapter.num_layers, f"{method.name:>7}: prefill")
     with progress:
         return llm.generate(prompt, method, max_tokens=max_new_tokens, chat=True, on_layer=on_layer)
-
-
-def step_weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads: the decoder layers' and the output layer's (the embedding is
-    gathered one row at a time), each tensor once."""
-    tensors = {t.data_ptr(): t for m in (model.model.layers, model.lm_head) for t in [*m.parameters(), *m.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def demo(
@@ -52,7 +46,7 @@ def demo(
             fail(str(e))
     base = results[0].stats
     table = Table(title=f"{model}: passkey at {results[0].stats.prompt_tokens} tokens (answer {needle.answer})")
-    weights = step_weight_bytes(llm.model)
+    weights = decode_weight_bytes(llm.model)
     for col in ("method", "answer", "correct", "prefill s", "decode tok/s", "KV MiB", "KV share of a step's reads",
                 "prefill x", "decode x"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("method", "answer") else "right")

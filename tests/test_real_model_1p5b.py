@@ -1,0 +1,59 @@
+"""qwen2.5-1.5b (Qwen2.5-Coder-1.5B-Instruct) from its 22 PyPI packages: the offline path and checksum,
+exactness against transformers, a passkey through FullKV, SnapKV and FastKV, and the precision `auto` picks.
+
+Marked slow: a one-time assembly and conversion (1.1 GB GGUF, 6 GB float32), then about a minute on 2 CPU
+cores. Skipped when the packages are missing, unless FASTKV_REQUIRE_MODELS=1 (set by CI).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastkv import LLM, FastKV, FullKV, SnapKV, passkey_prompt, prefill
+from fastkv.models import MODELS, part_paths
+
+pytestmark = pytest.mark.slow
+NAME = "qwen2.5-1.5b"
+
+if part_paths(MODELS[NAME]) is None:
+    if os.environ.get("FASTKV_REQUIRE_MODELS") == "1":
+        raise RuntimeError(f"{NAME} is not installed: {MODELS[NAME].pip_command}")
+    pytest.skip(f"{NAME} is not installed", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM.load(NAME, progress=False)  # what users get: the precision measured fastest here
+
+
+def test_it_is_the_coder_1p5b_and_the_engine_matches_transformers(llm):
+    config = llm.model.config
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (28, 12, 2)
+    assert config.hidden_size == 1536
+    ids = llm.tokenizer("def quicksort(xs):\n    " * 30, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        ref = llm.model(ids, logits_to_keep=1).logits[:, -1].float()
+        _, logits, _ = prefill(llm.adapter, ids, FullKV())
+    # The same modules in the same precision: rounding of another summation order only.
+    tolerance = 1e-4 if llm.adapter.dtype == torch.float32 and "int8" not in llm.precision else 3e-2
+    assert ((logits.float() - ref).abs().max() / ref.abs().max()) < tolerance
+    assert int(logits.argmax()) == int(ref.argmax())
+
+
+@pytest.mark.parametrize(
+    "method",
+    [FullKV(), SnapKV(retain_rate=0.1), FastKV(tsp_rate=0.2, retain_rate=0.1)],
+    ids=["fullkv", "snapkv", "fastkv"],
+)
+def test_passkey_at_2k_tokens(llm, method):
+    needle = passkey_prompt(llm.tokenizer, 2048, depth=0.4, seed=3)
+    result = llm.generate(needle.text, method, max_tokens=10, chat=True)
+    assert needle.is_correct(result.text), (method, result.text)
+    if method.name == "fastkv":
+        s = result.stats
+        half = 28 // 2
+        assert s.tokens_per_layer[: half] == [s.prompt_tokens] * half  # TSP after the middle layer by default
+        assert s.tokens_per_layer[-1] == max(512, s.prompt_tokens // 5)
