@@ -31,6 +31,7 @@ from openai import OpenAI
 
 from fastkv import LLM
 from fastkv.models import load_tokenizer
+from fastkv.precision import header as machine_header
 from fastkv.serve.thread import ServerThread, metric_total
 
 
@@ -173,6 +174,7 @@ def main() -> None:
         llm = LLM.load(args.model, dtype=args.dtype, progress=False, quantize=args.quantize)
         dtype, tokenizer = llm.precision, llm.tokenizer
     texts = [prompt(tokenizer, args.prompt_tokens, seed) for seed in range(max(requests, 1))]
+    print(machine_header())
     print(
         f"# {args.model} {dtype}, {os.cpu_count()} CPUs, {args.clients} clients, {requests} requests of "
         f"{args.prompt_tokens} prompt tokens and {args.max_tokens} new tokens, "
