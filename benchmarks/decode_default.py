@@ -20,11 +20,10 @@ import time
 
 import prefill_decode as pd  # this directory's benchmark: its timing helpers
 import torch
-from transformers import AutoConfig
 
 from fastkv import adapter_for
 from fastkv.methods import format_spec, parse
-from fastkv.models import DTYPES, MODELS, default_dtype, load, precision_auto, prepare, prepare_dtype
+from fastkv.models import DTYPES, MODELS, default_dtype, load, model_config, precision_auto, prepare_dtype
 from fastkv.precision import header
 
 
@@ -48,8 +47,7 @@ def main() -> None:
     name = {d: str(d).removeprefix("torch.") for d in dtypes}
     models, load_s = {}, {}
     variants = [(name[d], d, "none") for d in dtypes]
-    source = prepare(MODELS[args.model], progress=False) if args.model in MODELS else args.model
-    choice = precision_auto(AutoConfig.from_pretrained(source))
+    choice = precision_auto(model_config(args.model, progress=False))
     if choice.quantize == "int8":
         variants.append((f"{choice.dtype}+int8", DTYPES[choice.dtype], "int8"))
     for label, d, quantize in variants:

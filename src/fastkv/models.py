@@ -260,18 +260,7 @@ def load(
     check_device(device)
     if quantize not in QUANTIZE:
         resolve_quantize(quantize, device, torch.float32)  # the error that names the choices
-    kwargs: dict = {}
-    if name in MODELS:
-        source = prepare(MODELS[name], progress=progress)
-    elif name.endswith(".gguf") and Path(name).is_file():
-        source, kwargs = Path(name).parent, {"gguf_file": Path(name).name}
-    elif Path(name).is_dir() or _looks_like_hub_id(name):
-        source = name
-    else:
-        raise ValueError(
-            f"unknown model {name!r}: use a registered name ({', '.join(MODELS)}), a local directory, "
-            "a .gguf file or a HuggingFace model id"
-        )
+    source, kwargs = _source(name, progress)
     if dtype == "auto" and quantize == "auto" and torch.device(device).type == "cpu":
         choice = precision_auto(_config(source, kwargs, name))  # measured once per machine and shape
         dtype, quantize = choice.dtype, choice.quantize
@@ -288,6 +277,25 @@ def load(
     if quantize == "int8":
         quantize_int8(model)
     return model, tokenizer
+
+
+def _source(name: str, progress: bool = True) -> tuple[str | Path, dict]:
+    """Where transformers reads a model from (a registered one prepared in float32), and its extra kwargs."""
+    if name in MODELS:
+        return prepare(MODELS[name], progress=progress), {}
+    if name.endswith(".gguf") and Path(name).is_file():
+        return Path(name).parent, {"gguf_file": Path(name).name}
+    if Path(name).is_dir() or _looks_like_hub_id(name):
+        return name, {}
+    raise ValueError(
+        f"unknown model {name!r}: use a registered name ({', '.join(MODELS)}), a local directory, "
+        "a .gguf file or a HuggingFace model id"
+    )
+
+
+def model_config(name: str, progress: bool = True):
+    """A model's transformers config, by the same names as `load` (without loading its weights)."""
+    return _config(*_source(name, progress), name)
 
 
 def _config(source, kwargs: dict, name: str):

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..console import out
-from ..models import DEFAULT_MODEL, MODELS, prepare
+from ..models import DEFAULT_MODEL, model_config
 from ..precision import Machine, auto, largest_linear, machine
 
 
@@ -19,17 +19,10 @@ def info(
 ) -> None:
     """Print the CPU (model, flags), torch's capability (ATen's vector ISA, oneDNN's cap), and for MODEL what
     dtype and weight format `auto` picks for prefill and decode here, with the micro-benchmark behind it."""
-    from transformers import AutoConfig
-
     where = machine()
     show_machine(where)
     try:
-        source, kwargs = (prepare(MODELS[model]), {}) if model in MODELS else (model, {})
-        if model.endswith(".gguf"):
-            from pathlib import Path
-
-            source, kwargs = Path(model).parent, {"gguf_file": Path(model).name}
-        config = AutoConfig.from_pretrained(source, **kwargs)
+        config = model_config(model)
     except (OSError, ValueError) as err:
         raise typer.BadParameter(f"could not read model {model!r}: {err}", param_hint="--model") from err
     choice = auto(largest_linear(config), remeasure=remeasure)
