@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 from . import presets  # noqa: F401  (defines the presets: PRESETS is filled on import)
@@ -240,7 +241,7 @@ def _registered(name: str, role: str, knobs: dict[str, Any]) -> Part:
 
 def _preset(name: str, knobs: dict[str, Any]) -> Method:
     cls = PRESETS[name]
-    _unknown(f"method {name!r}", set(knobs), set(cls.__dataclass_fields__))
+    _unknown(f"method {name!r}", set(knobs), {f.name for f in fields(cls)})  # not its ClassVars (name, paper)
     return cls(**knobs)
 
 
