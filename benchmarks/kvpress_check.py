@@ -110,36 +110,40 @@ def main() -> None:
     runs = [{"name": f"kvpress {kind} r={r:g}", "compression_ratio": round(1 - r, 6), "window_size": w,
              "kernel_size": k} for r in retains for kind, w, k in kinds]  # fmt: skip
     eos = sorted(eos_ids(llm.model, llm.tokenizer))
-    job = {"model_dir": str(prepare(MODELS[args.model], progress=False)), "threads": args.threads, "eos": eos,
-           "runs": runs, "samples": [{"task": s.task, "index": s.index, "ids": ids[(s.task, s.index)],
-                                      "max_new_tokens": s.max_new_tokens} for s in samples]}  # fmt: skip
-    (args.out / "jobs.json").write_text(json.dumps(job))
-    ours_path = args.out / "fastkv.jsonl"
+    model_dir = str(prepare(MODELS[args.model], progress=False))
+    ours_path, answers = args.out / "fastkv.jsonl", args.out / "kvpress.jsonl"
     ours = {}
     if ours_path.exists():
         for line in ours_path.read_text().splitlines():
             r = json.loads(line)
             ours[(r["run"], r["task"], r["index"])] = r
-    with ours_path.open("a") as out:
-        for name, spec in [("fastkv fullkv", "fullkv")] + [(f"fastkv snapkv r={r:g}", f"snapkv(retain_rate={r})")
-                                                           for r in retains]:  # fmt: skip
-            for s in samples:
-                if (name, s.task, s.index) in ours or args.report_only:
-                    continue
-                result = llm.generate(ids[(s.task, s.index)], spec, max_tokens=s.max_new_tokens)
-                row = {"run": name, "task": s.task, "index": s.index, "tokens": result.token_ids,
-                       "kept": result.stats.kv_entries_per_layer[0], "seconds": result.stats.prefill_seconds,
-                       "spec": result.stats.method}  # fmt: skip
-                ours[(name, s.task, s.index)] = row
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-    answers = args.out / "kvpress.jsonl"
-    if not args.report_only:
+    ours_runs = [("fastkv fullkv", "fullkv")]
+    ours_runs += [(f"fastkv snapkv r={r:g}", f"snapkv(retain_rate={r})") for r in retains]
+    # In waves of one sample per task (index 0 of every task, then index 1, ...), each wave through both
+    # sides before the next: a run stopped early still pairs on whole tasks.
+    for wave in [] if args.report_only else range(args.samples):
+        batch = [s for s in samples if s.index == wave]
+        with ours_path.open("a") as out:
+            for name, spec in ours_runs:
+                for s in batch:
+                    if (name, s.task, s.index) in ours:
+                        continue
+                    result = llm.generate(ids[(s.task, s.index)], spec, max_tokens=s.max_new_tokens)
+                    row = {"run": name, "task": s.task, "index": s.index, "tokens": result.token_ids,
+                           "kept": result.stats.kv_entries_per_layer[0], "seconds": result.stats.prefill_seconds,
+                           "spec": result.stats.method}  # fmt: skip
+                    ours[(name, s.task, s.index)] = row
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+        job = {"model_dir": model_dir, "threads": args.threads, "eos": eos, "runs": runs,
+               "samples": [{"task": s.task, "index": s.index, "ids": ids[(s.task, s.index)],
+                            "max_new_tokens": s.max_new_tokens} for s in batch]}  # fmt: skip
+        (args.out / "jobs.json").write_text(json.dumps(job))
         done = subprocess.run([str(args.kvpress_python), "-c", WORKER, str(args.out / "jobs.json"), str(answers)])
         if done.returncode != 0:
             sys.exit("the kvpress worker failed (its error is above)")
     theirs = {}
-    for line in answers.read_text().splitlines():
+    for line in answers.read_text().splitlines() if answers.exists() else []:
         r = json.loads(line)
         theirs[(r["run"], r["task"], r["index"])] = r
     by_key = {(s.task, s.index): s for s in samples}
@@ -163,6 +167,9 @@ def main() -> None:
     print("| run | KV entries kept (layer 0, mean) | score | vs fastkv snapkv [95% CI] | identical answers to it |")
     print("|---|---|---|---|---|")
     full = rows_of(ours, "fastkv fullkv")
+    if not full:
+        print("(no sample answered by every run yet: run without --report-only to extend it)")
+        return
     print(f"| fastkv fullkv | {sum(r['kept'] for r in full) / len(full):.0f} | "
           f"{100 * sum(r['score'] for r in full) / len(full):.1f} | - | - |")  # fmt: skip
     for r in retains:
@@ -176,6 +183,28 @@ def main() -> None:
             kept = sum(x["kept"] for x in found) / len(found)
             print(f"| {name} | {kept:.0f} | {100 * sum(x['score'] for x in found) / len(found):.1f} | {versus} | "
                   f"{same}/{len(found)} |")  # fmt: skip
+    # Per task: each run's score (mean over the common samples), and for kvpress how many answers are
+    # fastkv snapkv's at the same budget.
+    order = ["fastkv fullkv"]
+    for r in retains:
+        order += [f"fastkv snapkv r={r:g}"] + [run["name"] for run in runs if run["name"].endswith(f"r={r:g}")]
+    by_run = {}
+    for n in order:
+        by_run[n] = {(x["task"], x["index"]): x for x in rows_of(ours if n.startswith("fastkv") else theirs, n)}
+    print("\nPer task (score; for kvpress, answers identical to fastkv snapkv's at the same budget):\n")
+    print("| task | " + " | ".join(order) + " |")
+    print("|---|" + "---|" * len(order))
+    for task in tasks:
+        cells = []
+        for n in order:
+            mine = by_run[f"fastkv snapkv {n.rsplit(' ', 1)[-1]}"] if n.startswith("kvpress") else None
+            rows = [x for (t, _), x in by_run[n].items() if t == task]
+            cell = f"{100 * sum(x['score'] for x in rows) / len(rows):.0f}" if rows else "-"
+            if mine is not None and rows:
+                same = sum(mine[(x["task"], x["index"])]["text"].strip() == x["text"].strip() for x in rows)
+                cell += f" ({same}/{len(rows)})"
+            cells.append(cell)
+        print(f"| {task} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

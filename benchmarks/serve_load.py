@@ -163,6 +163,12 @@ def main() -> None:
     ap.add_argument("--kv-mib", type=float, default=4096)
     ap.add_argument("--dtype", default="auto", help="auto (the device's default), float32, bfloat16")
     ap.add_argument("--quantize", default="auto", help="auto (int8 weights with bfloat16 on CPU), none, int8")
+    ap.add_argument(
+        "--prefill-chunks",
+        default="256",
+        help="comma-separated `--prefill-chunk` settings to run one after the other (0: whole prefills)",
+    )
+    ap.add_argument("--prefill-share", type=float, default=1.0, help="the server's --prefill-share")
     ap.add_argument("--repeat", type=int, default=1, help="run the load this many times; RSS after each")
     ap.add_argument("--url", help="load a running server instead (fastkv serve --ray); it has its own precision")
     args = ap.parse_args()
@@ -185,12 +191,17 @@ def main() -> None:
         f"{'p95':>6} {'ITL p50 ms':>10} {'p95':>6} {'max running':>11} {'RSS before':>10} {'peak':>6} {'after':>6}"
     )
     print(header)
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    chunks = [int(c) for c in args.prefill_chunks.split(",")]
+    runs = [(m.strip(), c) for m in args.methods.split(",") if m.strip() for c in chunks]
+    for method, chunk in runs:
         if args.url:
             server = External(args.url)
         else:
             server = ServerThread(llm, args.model, method, kv_mib=args.kv_mib, max_batch=args.clients,
-                                  max_queue=max(requests, args.clients))  # fmt: skip
+                                  max_queue=max(requests, args.clients), prefill_chunk=chunk or None,
+                                  prefill_share=args.prefill_share)  # fmt: skip
+        if len(chunks) > 1:
+            print(f"# {method}, --prefill-chunk {chunk}" + (" (whole prefills)" if not chunk else ""))
         try:
             httpx.get(server.url + "/health")
             single = run_load(server, args.model, texts[:1], 1, 1, args, method)
