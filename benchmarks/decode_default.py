@@ -23,7 +23,7 @@ import torch
 
 from fastkv import adapter_for
 from fastkv.methods import format_spec, parse
-from fastkv.models import DTYPES, MODELS, default_dtype, load, model_config, precision_auto, prepare_dtype
+from fastkv.models import DTYPES, MODELS, default_dtype, load, model_config, precision_auto, prepare
 from fastkv.precision import header
 
 
@@ -52,7 +52,7 @@ def main() -> None:
         variants.append((f"{choice.dtype}+int8", DTYPES[choice.dtype], "int8"))
     for label, d, quantize in variants:
         if args.model in MODELS:
-            prepare_dtype(MODELS[args.model], d, progress=False)  # the dtype's cache, written once, untimed
+            prepare(MODELS[args.model], d, progress=False)  # the dtype's cache, written once, untimed
         start = time.perf_counter()
         models[label] = load(args.model, dtype=d, progress=False, quantize=quantize)[0]
         load_s[label] = time.perf_counter() - start

@@ -175,26 +175,33 @@ def test_every_method_on_a_2k_passkey(llm):
     assert "streamingllm" not in correct
 
 
-def test_half_precision_weights_are_cached_per_dtype():
-    from fastkv.models import default_dtype, load, prepare, prepare_dtype
+def test_each_dtype_is_converted_straight_from_the_gguf_and_cached_alone(tmp_path, monkeypatch):
+    from fastkv.models import cached_dtypes, converted_dir, default_dtype, load, prepare, status
 
     spec = MODELS["smollm2-135m"]
     if part_paths(spec) is None:
         pytest.skip("smollm2-135m is not installed")
-    path = prepare_dtype(spec, torch.bfloat16, progress=False)
-    assert path.name == prepare(spec).name + "-bfloat16" and (path / "complete").exists()
-    assert prepare_dtype(spec, torch.float32) == prepare(spec)
+    monkeypatch.setenv("FASTKV_CACHE", str(tmp_path))  # a new machine's cache: nothing converted yet
+    assert status(spec) == "installed"
+    half, _ = load("smollm2-135m", dtype="bfloat16", progress=False)
+    # Only the bfloat16 weights (and no float32 copy) were written; config and tokenizer came along.
+    assert cached_dtypes(spec) == ["bfloat16"] and not converted_dir(spec).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [converted_dir(spec, torch.bfloat16).name, converted_dir(spec).name + "-meta"]
+    )
+    assert status(spec) == "ready (cached: bfloat16)"
+    full, _ = load("smollm2-135m", dtype="float32", progress=False)
+    assert cached_dtypes(spec) == ["float32", "bfloat16"] and prepare(spec) == converted_dir(spec)
 
     def weight_bytes(folder) -> int:
         return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
-    assert weight_bytes(path) < 0.55 * weight_bytes(prepare(spec))  # 2 bytes a weight, not 4
-    half, _ = load("smollm2-135m", dtype="bfloat16", progress=False)
-    full, _ = load("smollm2-135m", dtype="float32", progress=False)
-    auto, _ = load("smollm2-135m", progress=False)
-    assert auto.dtype == default_dtype("cpu")
+    assert weight_bytes(converted_dir(spec, torch.bfloat16)) < 0.55 * weight_bytes(converted_dir(spec))
+    # Converting to bfloat16 from the GGUF is rounding the float32 dequantization, weight for weight.
     for (name, a), (_, b) in zip(half.state_dict().items(), full.state_dict().items(), strict=True):
         assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16)), name
+    auto, _ = load("smollm2-135m", progress=False)
+    assert auto.dtype == default_dtype("cpu")
 
 
 def test_server_streams_a_4k_passkey_answer_with_the_default_method(llm):
