@@ -13,8 +13,9 @@ Each RULER sample (`fastkv.eval.ruler`, seed 42, chat template, the question ins
 tokenized here; the ids go to a worker in that environment, which loads the same float32 checkpoint
 (fastkv's converted copy of the model) and prefills under `SnapKVPress(compression_ratio=1 - retain)`,
 once with kvpress's defaults (window 64, kernel 5) and once with fastkv's snapkv window and kernel (8, 7),
-then decodes greedily with explicit positions after the compressed cache. Here, fastkv runs FullKV and
-`snapkv(retain_rate=r)` on the same ids in float32. Per budget it prints each run's RULER score, paired 95%
+then decodes greedily with explicit positions after the compressed cache. Here, fastkv runs FullKV,
+`snapkv(retain_rate=r)` (max-pooled scores, the paper's code) and `snapkv(retain_rate=r, pooling=avg)`
+(kvpress's pooling) on the same ids in float32. Per budget it prints each run's RULER score, paired 95%
 intervals against fastkv's snapkv, and how many answers are identical. Outputs (resumable: the worker's
 answers are kept) go to --out. Run nothing else meanwhile only if you read its seconds.
 """
@@ -119,6 +120,9 @@ def main() -> None:
             ours[(r["run"], r["task"], r["index"])] = r
     ours_runs = [("fastkv fullkv", "fullkv")]
     ours_runs += [(f"fastkv snapkv r={r:g}", f"snapkv(retain_rate={r})") for r in retains]
+    # kvpress's SnapKV average-pools the scores; ours max-pools by default (the paper's code). With
+    # pooling=avg at kvpress's window 8, kernel 7, the two should pick the same entries.
+    ours_runs += [(f"fastkv snapkv avg-pool r={r:g}", f"snapkv(retain_rate={r}, pooling=avg)") for r in retains]
     # In waves of one sample per task (index 0 of every task, then index 1, ...), each wave through both
     # sides before the next: a run stopped early still pairs on whole tasks.
     for wave in [] if args.report_only else range(args.samples):
@@ -147,7 +151,7 @@ def main() -> None:
         r = json.loads(line)
         theirs[(r["run"], r["task"], r["index"])] = r
     by_key = {(s.task, s.index): s for s in samples}
-    names = [("fastkv fullkv", ours)] + [(f"fastkv snapkv r={r:g}", ours) for r in retains]
+    names = [(name, ours) for name, _ in ours_runs]
     names += [(run["name"], theirs) for run in runs]
     common = [k for k in by_key if all((name, *k) in table for name, table in names)]  # answered by every run
 
@@ -164,30 +168,35 @@ def main() -> None:
     print(f"# RULER {len(tasks)} tasks x {args.samples} samples at {args.length} tokens (the question inside the "
           f"compressed prompt), greedy; kvpress {version}; {len(common)} of {len(by_key)} samples answered by "
           "every run so far")  # fmt: skip
-    print("| run | KV entries kept (layer 0, mean) | score | vs fastkv snapkv [95% CI] | identical answers to it |")
-    print("|---|---|---|---|---|")
+    print("| run | KV entries kept (layer 0, mean) | score | vs fastkv snapkv [95% CI] | identical answers to it "
+          "| identical to fastkv snapkv avg-pool |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     full = rows_of(ours, "fastkv fullkv")
     if not full:
         print("(no sample answered by every run yet: run without --report-only to extend it)")
         return
     print(f"| fastkv fullkv | {sum(r['kept'] for r in full) / len(full):.0f} | "
-          f"{100 * sum(r['score'] for r in full) / len(full):.1f} | - | - |")  # fmt: skip
+          f"{100 * sum(r['score'] for r in full) / len(full):.1f} | - | - | - |")  # fmt: skip
     for r in retains:
         mine = rows_of(ours, f"fastkv snapkv r={r:g}")
+        avg = rows_of(ours, f"fastkv snapkv avg-pool r={r:g}")
         mine_text = {(x["task"], x["index"]): x["text"].strip() for x in mine}
-        for name, found in [(f"fastkv snapkv r={r:g}", mine)] + [
+        avg_text = {(x["task"], x["index"]): x["text"].strip() for x in avg}
+        for name, found in [(f"fastkv snapkv r={r:g}", mine), (f"fastkv snapkv avg-pool r={r:g}", avg)] + [
             (run["name"], rows_of(theirs, run["name"])) for run in runs if run["name"].endswith(f"r={r:g}")
         ]:
             same = sum(mine_text.get((x["task"], x["index"])) == x["text"].strip() for x in found)
+            same_avg = sum(avg_text.get((x["task"], x["index"])) == x["text"].strip() for x in found)
             versus = interval(paired_difference(found, mine)) if found is not mine else "-"
             kept = sum(x["kept"] for x in found) / len(found)
             print(f"| {name} | {kept:.0f} | {100 * sum(x['score'] for x in found) / len(found):.1f} | {versus} | "
-                  f"{same}/{len(found)} |")  # fmt: skip
+                  f"{same}/{len(found)} | {same_avg}/{len(found)} |")  # fmt: skip
     # Per task: each run's score (mean over the common samples), and for kvpress how many answers are
     # fastkv snapkv's at the same budget.
     order = ["fastkv fullkv"]
     for r in retains:
-        order += [f"fastkv snapkv r={r:g}"] + [run["name"] for run in runs if run["name"].endswith(f"r={r:g}")]
+        order += [f"fastkv snapkv r={r:g}", f"fastkv snapkv avg-pool r={r:g}"]
+        order += [run["name"] for run in runs if run["name"].endswith(f"r={r:g}")]
     by_run = {}
     for n in order:
         by_run[n] = {(x["task"], x["index"]): x for x in rows_of(ours if n.startswith("fastkv") else theirs, n)}
