@@ -112,10 +112,13 @@ def part_paths(spec: ModelSpec) -> list[Path] | None:
     return paths
 
 
+def _cache_dir(spec: ModelSpec, suffix: str = "") -> Path:
+    return cache_root() / f"{spec.name}-{spec.sha256[:12]}{suffix}"
+
+
 def converted_dir(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> Path:
     """Where a registered model's weights in `dtype` are cached (float32 keeps the unsuffixed name)."""
-    base = cache_root() / f"{spec.name}-{spec.sha256[:12]}"
-    return base if dtype == torch.float32 else base.with_name(f"{base.name}-{_dtype_name(dtype)}")
+    return _cache_dir(spec, "" if dtype == torch.float32 else f"-{_dtype_name(dtype)}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -226,9 +229,9 @@ def prepare_meta(spec: ModelSpec, progress: bool = True) -> Path:
     small folder of those alone (so that choosing the dtype does not first convert the weights in another)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    for name in cached_dtypes(spec):
-        return converted_dir(spec, DTYPES[name])
-    final = cache_root() / f"{spec.name}-{spec.sha256[:12]}-meta"
+    if cached := cached_dtypes(spec):
+        return converted_dir(spec, DTYPES[cached[0]])
+    final = _cache_dir(spec, "-meta")
     if (final / "complete").exists():
         return final
 
@@ -275,8 +278,10 @@ def load(
     check_device(device)
     if quantize not in QUANTIZE:
         resolve_quantize(quantize, device, torch.float32)  # the error that names the choices
-    source, kwargs = _source(name, progress)
-    if dtype == "auto" and quantize == "auto" and torch.device(device).type == "cpu":
+    measure = dtype == "auto" and quantize == "auto" and torch.device(device).type == "cpu"
+    # A registered model's config is read only to measure: otherwise its weights' folder is all it needs.
+    source, kwargs = _source(name, progress) if measure or name not in MODELS else (None, {})
+    if measure:
         choice = precision_auto(_config(source, kwargs, name))  # measured once per machine and shape
         dtype, quantize = choice.dtype, choice.quantize
     dtype = resolve_dtype(dtype, device)
