@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -129,6 +131,22 @@ def test_fastkv_defaults_are_the_papers_on_long_prompts():
         "fastkv(window_size=8, kernel_size=7, pooling='max', tsp_layer=3, tsp_rate=0.2, min_tsp_len=512, "
         "retain_rate=0.1, min_budget=256)"
     )
+
+
+def test_a_budget_above_what_tsp_passes_on_warns_and_is_capped_as_it_says():
+    adapter = adapter_for(build_tiny("llama"))  # 4 layers: tsp_layer 1 cuts after the second
+    ids = prompt_ids(L)
+    with pytest.warns(UserWarning, match=r"cache budget \(60 tokens\) is above what the 'tsp' reducer passes on \(40"):
+        cache, _, trace = prefill(adapter, ids, FastKV(tsp_layer=1, tsp_len=40, budget=60))
+    # what the warning says: the layers after the cut cache all 40 tokens they see, not the 60 asked
+    assert trace.tokens_per_layer == [L, L, 40, 40] and cache.lengths == [60, 60, 40, 40]
+    with pytest.warns(UserWarning, match=r"cache budget \(25% of the prompt\) is above .* \(10% of the prompt\)"):
+        FastKV(tsp_rate=0.1, retain_rate=0.25).bind(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within what TSP passes on, or equal to it: silent
+        FastKV(tsp_layer=1, tsp_len=40, budget=40).bind(4)
+        FastKV(tsp_rate=0.1, retain_rate=0.1).bind(4)
+        FastKV().bind(4)
 
 
 @pytest.mark.parametrize("length", [40, 150, 256])

@@ -51,6 +51,7 @@ def raw(body: str | bytes) -> bytes:
 
 
 # (class, path, body (dict: JSON, str/bytes: sent as is), statuses it may get)
+# fmt: off
 CASES = [
     ("bad JSON", "/v1/completions", "not json", {400}),
     ("bad JSON", "/v1/completions", "{", {400}),
@@ -143,6 +144,7 @@ CASES = [
     ("compatibility", "/nope", "{}", {404}),
     ("compatibility", "/v1/models", "{}", {405}),
 ]
+# fmt: on
 
 
 def check_refusal(response: httpx.Response, what) -> None:
@@ -173,6 +175,7 @@ def test_the_battery(server, llm):
     counts.update(engine_abuse(server))
     print("\nbattery:", dict(counts), "in all", sum(counts.values()))
     assert sum(counts.values()) >= 120
+
     # afterwards: the same greedy answer, and nothing running or queued
     def busy() -> float:
         return server.metric("fastkv_running_requests") + server.metric("fastkv_queued_requests")

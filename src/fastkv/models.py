@@ -96,7 +96,6 @@ class ModelNotInstalledError(RuntimeError):
     """A registered model whose PyPI packages are missing; the message holds the pip command."""
 
 
-
 def part_paths(spec: ModelSpec) -> list[Path] | None:
     """Paths of the installed parts, or None if a package is missing. Does not import the packages."""
     paths = []

@@ -64,9 +64,11 @@ def demo(
             rate(s.decode_tokens_per_s / base.decode_tokens_per_s),
         )
     out.print(table)
-    out.print(f"speedups are against FullKV in this run ({llm.precision}). A decode step reads every weight once "
-              f"({weights / 2**20:.0f} MiB) plus the KV cache: where the KV is a small share of that, compressing "
-              "it cannot speed decode much, and the weights' format decides (`fastkv info`). The methods as they ran:")
+    out.print(
+        f"speedups are against FullKV in this run ({llm.precision}). A decode step reads every weight once "
+        f"({weights / 2**20:.0f} MiB) plus the KV cache: where the KV is a small share of that, compressing "
+        "it cannot speed decode much, and the weights' format decides (`fastkv info`). The methods as they ran:"
+    )
     for r in results:
         source = f" (FastKV defaults: {r.stats.defaults})" if r.stats.defaults else ""
         out.print(f"  {short_spec(r.stats.method)}{source}", highlight=False)

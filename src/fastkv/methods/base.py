@@ -338,6 +338,10 @@ class Reducer(Part):
         """Trailing prompt tokens that always continue (None: every token does)."""
         return None
 
+    def passed_on(self, prompt_len: int) -> int | None:
+        """Tokens of a prompt of prompt_len tokens that the layers after this reducer's cut see (None: all)."""
+        return None
+
     def prefill(self, passes: Passes, input_ids: torch.Tensor, policy: CachePolicy) -> Pass:
         """Drive prefill: one pass in which this reducer picks the tokens at every layer. A reducer that needs
         more than one pass (a filter-and-rerun) overrides this and drives them itself."""

@@ -12,6 +12,7 @@ so that a spec string and a preset object built without some knobs take the same
 from __future__ import annotations
 
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -37,7 +38,9 @@ class Method:
 
     def bind(self, num_layers: int) -> Composed:
         """The same method with every default resolved for a model of `num_layers` layers."""
-        return Composed(reducer=self.reducer.bind(num_layers), policy=self.policy.bind(num_layers), recipe=self.recipe)
+        bound = Composed(reducer=self.reducer.bind(num_layers), policy=self.policy.bind(num_layers), recipe=self.recipe)
+        bound.warn_if_budget_unreachable()
+        return bound
 
     @property
     def reduces(self) -> str:
@@ -71,6 +74,26 @@ class Composed(Method):
                 f"(window_size={tail}), but the cache policy scores with the queries of the last {need} "
                 f"(window_size={need}): give the reducer window_size={need} or more"
             )
+
+    def warn_if_budget_unreachable(self, prompt_len: int = 1 << 20) -> None:
+        """Warn where the cache budget exceeds what the reducer passes on: the layers after its cut then
+        cache every token they see, and the cache holds less than the budget asks (not an error: the
+        layers before the cut still keep the budget). Compared on a long prompt, where rates decide."""
+        passed, budget = self.reducer.passed_on(prompt_len), self.policy.kv_budget(prompt_len)
+        if passed is None or budget is None or budget <= passed:
+            return
+
+        def amount(n: int) -> str:  # a rate as a share, a count as a count
+            return f"{n / prompt_len:.0%} of the prompt" if n >= prompt_len // 1000 else f"{n} tokens"
+
+        warnings.warn(
+            f"the cache budget ({amount(budget)}) is above what the {self.reducer.name!r} reducer passes on "
+            f"({amount(passed)}): the layers after its cut cache every token they see, "
+            "so the cache holds less than the budget asks; raise the reducer's rate to the budget's or lower the "
+            "budget",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def shape(part: Part) -> tuple:

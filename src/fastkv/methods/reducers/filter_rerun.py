@@ -73,6 +73,9 @@ class FilterRerun(Reducer):
         rate = RETAIN_RATE if self.retain_rate is None else self.retain_rate
         return sized(self.budget, rate, prompt_len, max(self.window_size, self.min_budget))
 
+    def passed_on(self, prompt_len: int) -> int:
+        return self.keep(prompt_len)  # the rerun: every layer sees only these
+
     def tokens(self, layer: LayerState) -> Selection | None:
         keep = self.keep(layer.prompt_len)
         if layer.index != self.filter_layer or layer.present <= keep:

@@ -60,6 +60,9 @@ class TSP(ObservationWindow, Reducer):
         rate = TSP_RATE if self.tsp_rate is None else self.tsp_rate
         return sized(self.tsp_len, rate, prompt_len, max(self.window_size, self.min_tsp_len))
 
+    def passed_on(self, prompt_len: int) -> int:
+        return self.tsp_tokens(prompt_len)
+
     def tokens(self, layer: LayerState) -> Selection | None:
         if self.tsp_layer is None:
             raise RuntimeError("TSP.tsp_layer is unresolved: bind(num_layers) first")
