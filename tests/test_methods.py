@@ -9,6 +9,7 @@ import torch
 
 from fastkv import FastKV, FullKV, SnapKV, adapter_for, decode_step, prefill
 from fastkv.methods import format_spec
+from fastkv.methods import method as method_module
 
 from .conftest import build_tiny, prompt_ids
 from .reference import (
@@ -133,7 +134,8 @@ def test_fastkv_defaults_are_the_papers_on_long_prompts():
     )
 
 
-def test_a_budget_above_what_tsp_passes_on_warns_and_is_capped_as_it_says():
+def test_a_budget_above_what_tsp_passes_on_warns_and_is_capped_as_it_says(monkeypatch):
+    monkeypatch.setattr(method_module, "_UNREACHABLE_WARNED", set())  # each message warns once per process
     adapter = adapter_for(build_tiny("llama"))  # 4 layers: tsp_layer 1 cuts after the second
     ids = prompt_ids(L)
     with pytest.warns(UserWarning, match=r"cache budget \(60 tokens\) is above what the 'tsp' reducer passes on \(40"):
@@ -147,6 +149,13 @@ def test_a_budget_above_what_tsp_passes_on_warns_and_is_capped_as_it_says():
         FastKV(tsp_layer=1, tsp_len=40, budget=40).bind(4)
         FastKV(tsp_rate=0.1, retain_rate=0.1).bind(4)
         FastKV().bind(4)
+        FastKV(tsp_rate=0.1, retain_rate=0.25).bind(4)  # warned above: not again
+    # bounded: past MAX_UNREACHABLE_WARNINGS distinct messages, no more (a server binds every request)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for budget in range(41, 41 + 2 * method_module.MAX_UNREACHABLE_WARNINGS):
+            FastKV(tsp_layer=1, tsp_len=40, budget=budget).bind(4)
+    assert len(caught) == method_module.MAX_UNREACHABLE_WARNINGS - 2
 
 
 @pytest.mark.parametrize("length", [40, 150, 256])

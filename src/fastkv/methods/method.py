@@ -21,6 +21,9 @@ from .base import CachePolicy, Part, Reducer, build, is_sub
 # (name, knobs set) for each side of a method as written: one side, or REDUCER+POLICY
 Side = tuple[str, dict[str, Any]]
 Recipe = tuple[Side, ...]
+# Budget warnings already given (`Composed.warn_if_budget_unreachable`), at most this many per process.
+_UNREACHABLE_WARNED: set[str] = set()
+MAX_UNREACHABLE_WARNINGS = 32
 # Every preset by name, in the order they are defined (filled by `Preset.__init_subclass__`).
 PRESETS: dict[str, type[Preset]] = {}
 
@@ -86,14 +89,18 @@ class Composed(Method):
         def amount(n: int) -> str:  # a rate as a share, a count as a count
             return f"{n / prompt_len:.0%} of the prompt" if n >= prompt_len // 1000 else f"{n} tokens"
 
-        warnings.warn(
+        message = (
             f"the cache budget ({amount(budget)}) is above what the {self.reducer.name!r} reducer passes on "
             f"({amount(passed)}): the layers after its cut cache every token they see, "
             "so the cache holds less than the budget asks; raise the reducer's rate to the budget's or lower the "
-            "budget",
-            UserWarning,
-            stacklevel=3,
+            "budget"
         )
+        # Each distinct message once, and a bounded number of them: a server binds every request's method,
+        # and the warnings registry would otherwise keep one entry per distinct budget a client sends.
+        if message in _UNREACHABLE_WARNED or len(_UNREACHABLE_WARNED) >= MAX_UNREACHABLE_WARNINGS:
+            return
+        _UNREACHABLE_WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def shape(part: Part) -> tuple:
