@@ -9,8 +9,10 @@ One process loads the model in float32, in bfloat16 where it is native, and in t
 (`fastkv.precision.auto`, what `LLM.load` and `fastkv generate|serve` use by default). It then times, one
 after the other on the same random-token prompt: transformers' prefill and decode loop in float32 and in
 bfloat16 where native, and the engine's prefill and decode steps under --method in each precision, and in
-the last under torch.compile (compiled in a warm-up, not timed). Decode is the median of --steps steps.
-Ratios are to transformers in float32 and in the fastest dtype it has here.
+the last under torch.compile (compiled in a warm-up, not timed; its time and the resident memory it added
+are printed: int8 weights are frozen into the graph, which holds them repacked, a second int8 copy).
+Decode is the median of --steps steps. Ratios are to transformers in float32 and in the fastest dtype it
+has here.
 """
 
 from __future__ import annotations
@@ -77,8 +79,12 @@ def main() -> None:
         rows[f"fastkv {label}"] = pd.bench_engine(adapter, ids, method, args.steps)[:2]
     adapter = adapter_for(models[default])
     pd.COMPILE = True
-    pd.bench_engine(adapter, warm, method, 4)  # compiles, once per process
+    before = pd.rss()
+    start = time.perf_counter()
+    pd.bench_engine(adapter, warm, method, 4)  # compiles, once per process (per model, for int8 weights)
+    compile_s, grown = time.perf_counter() - start, (pd.rss() - before) / 2**20
     rows[f"fastkv {default} compiled"] = pd.bench_engine(adapter, ids, method, args.steps)[:2]
+    print(f"# compiling the {default} decode step took {compile_s:.0f} s and grew resident memory by {grown:.0f} MiB")
     hf32, hfbest = rows["transformers float32"], rows[f"transformers {name[best]}"]
     print()
     print(f"| run | prefill s | decode ms/token | decode x transformers float32 | decode x transformers {name[best]} |")

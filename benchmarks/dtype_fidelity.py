@@ -1,8 +1,10 @@
 """What lower precision costs against float32 on passkey retrieval: first-token KL, greedy agreement,
-accuracy, speed. Precisions: a dtype, or a dtype with "+int8" (int8 weight-only linears, `fastkv.quantize`).
+accuracy, speed. Precisions: a dtype, with "+int8" for int8 weight-only linears (`fastkv.quantize`) and
+"+compiled" for decoding under torch.compile (int8 weights on a CPU are frozen into the graph then).
 
     python benchmarks/dtype_fidelity.py          # qwen2.5-0.5b, 4K, FullKV and FastKV: float32, bfloat16, bfloat16+int8
     python benchmarks/dtype_fidelity.py --lengths 2048,8192 --methods fullkv,snapkv,fastkv --seeds 3
+    python benchmarks/dtype_fidelity.py --precisions float32,bfloat16+int8,bfloat16+int8+compiled
 
 The model is loaded once in each precision. Every passkey prompt (`fastkv.passkey_prompt`, one per length
 x depth x seed) runs greedily under each method in every precision, one after the other in this process.
@@ -48,6 +50,10 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     llms = {p: load(args.model, p) for p in precisions}
+    compiled = {p: "compiled" in p.split("+")[1:] for p in precisions}
+    for p in precisions:
+        if compiled[p]:  # compile outside the timed prompts (minutes for int8 weights: autotuning)
+            llms[p].generate("Warm up.", max_tokens=2, chat=True, compile=True)
     reference = precisions[0]
     tokenizer = llms[reference].tokenizer
     prompts = [
@@ -62,7 +68,7 @@ def main() -> None:
     for n, needle in enumerate(prompts):
         for method in methods:
             got = {
-                p: llm.generate(needle.text, method, max_tokens=args.max_new_tokens, chat=True)
+                p: llm.generate(needle.text, method, max_tokens=args.max_new_tokens, chat=True, compile=compiled[p])
                 for p, llm in llms.items()
             }
             ref = got[reference]
@@ -99,9 +105,12 @@ def main() -> None:
 
 
 def load(model: str, precision: str) -> LLM:
-    """A model in "dtype" or "dtype+int8"."""
-    dtype, _, quantize = precision.partition("+")
-    return LLM.load(model, dtype=dtype, quantize=quantize or "none")
+    """A model in "dtype", "dtype+int8" (either with "+compiled", which `main` reads)."""
+    dtype, *options = precision.split("+")
+    unknown = set(options) - {"int8", "compiled"}
+    if unknown:
+        raise SystemExit(f"unknown precision option(s) {', '.join(sorted(unknown))} in {precision!r}: int8, compiled")
+    return LLM.load(model, dtype=dtype, quantize="int8" if "int8" in options else "none")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ behind `fastkv.quantize` (which kernel for how many rows, and why not float32 or
 For each linear shape and number of rows (1: a decode step; 8: a batch of 8; hundreds: a prefill chunk) it
 times a bfloat16 matmul, torch's int8 kernel (`aten._weight_int8pack_mm`, per-row scales), dequantizing
 the int8 weight then a bfloat16 matmul, and `fastkv.quantize.Int8Linear` (which picks one of the two);
-for one row also float32 (matmul, and the int8 kernel with float32 activations) and, when torchao is
-installed, torchao's `Int8WeightOnlyConfig` in eager mode. Random weights: this times kernels only;
+for one row also float32 (matmul, and the int8 kernel with float32 activations), the int8 linear under
+torch.compile with its weights frozen (inductor's C++ GEMM template: what compiled decoding uses) and,
+when torchao is installed, torchao's `Int8WeightOnlyConfig` in eager mode. Random weights: this times kernels only;
 accuracy on the model is measured by `benchmarks/dtype_fidelity.py`.
 """
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastkv.engine import frozen_compilation
 from fastkv.precision import header
 from fastkv.quantize import Int8Linear
 
@@ -96,7 +98,21 @@ def one_row_alternatives(linear: nn.Linear, q: Int8Linear, x: torch.Tensor) -> s
     int4_ms = f"{ms(lambda: int4(xb)):.3f}" if int4 is not None else "(not in this torch)"
     ao = torchao_linear(linear)
     ao_ms = f"{ms(lambda: ao(xb)):.3f}" if ao is not None else "(torchao not installed)"
-    return f"{f32:.3f} | {f32_kernel:.3f} | {cast:.3f} | {int4_ms} | {ao_ms}"
+    frozen = frozen_linear(q)
+    return f"{f32:.3f} | {f32_kernel:.3f} | {cast:.3f} | {ms(lambda: frozen(xb)):.3f} | {int4_ms} | {ao_ms}"
+
+
+def frozen_linear(q: Int8Linear):
+    """q under torch.compile with its weights frozen and max-autotune (what `fastkv --compile` does for int8
+    weights on a CPU: `fastkv.engine.FROZEN`), compiled here on a first call (seconds per shape). Alone, each
+    call also pays a compiled graph's entry (guards, wrapper), which a decode step pays once for all."""
+    compiled = torch.compile(q)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with frozen_compilation():
+            return compiled(x)
+
+    return run
 
 
 @torch.inference_mode()
@@ -124,8 +140,9 @@ def main() -> None:
     print()
     print("One row:")
     print("| linear | float32 ms | int8 kernel, float32 rows ms | int8 kernel, rows cast to bfloat16 ms "
+          "| int8, compiled frozen (fastkv --compile), bfloat16 ms "
           "| int4 kernel (group 32), bfloat16 ms | torchao int8 weight-only (eager) ms |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(extra))
 
 

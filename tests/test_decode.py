@@ -62,6 +62,35 @@ def test_compiled_decode_equals_eager():
             assert compiled.slots[0].tolist() == eager.slots[0].tolist()
 
 
+def test_compiled_decode_freezes_each_models_own_int8_weights():
+    # Compiled decoding on int8 weights freezes them into the graph. Two models of the same shapes must each
+    # decode with their own: a graph reused with the first one's constants would match the first model.
+    from fastkv.engine import frozen_decode
+    from fastkv.quantize import quantize_int8
+
+    method, n, outputs = parse("snapkv(budget=24)"), 96, []
+    for seed in (1, 2):
+        model = build_tiny("qwen2")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+        quantize_int8(model)
+        adapter = adapter_for(model)
+        assert frozen_decode(adapter)
+        eager, logits, _ = prefill(adapter, prompt_ids(n), method, max_new_tokens=3)
+        compiled, _, _ = prefill(adapter, prompt_ids(n), method, max_new_tokens=3)
+        for step in range(3):
+            token = logits.argmax(-1)
+            logits = decode_step(adapter, eager, token, n + step)
+            fast = decode_step(adapter, compiled, token, n + step, compiled=True)
+            # Both round the rows to bfloat16 for an int8 kernel; eager also rounds each linear's output to
+            # bfloat16, the compiled template keeps its float32 sums (0.04-0.06 apart on logits near 5).
+            assert (fast - logits).abs().max() < 0.15, (fast - logits).abs().max()
+            assert fast.argmax(-1).tolist() == logits.argmax(-1).tolist()
+        outputs.append(logits)
+    assert (outputs[0] - outputs[1]).abs().max() > 1  # the two models do differ
+
+
 @pytest.mark.parametrize(
     "name", ["fullkv", "snapkv", "fastkv", "pyramidkv", "adakv", "gemfilter", "streamingllm", "h2o", "pyramidinfer"]
 )

@@ -13,7 +13,7 @@ from ..methods import parse, spec_name
 from ..models import DEFAULT_MODEL, DTYPE_HELP
 from ..quantize import QUANTIZE_HELP
 from ..sampling import SamplingParams
-from .common import METHOD_HELP, MODEL_HELP, prefill_progress, rate
+from .common import COMPILE_HELP, METHOD_HELP, MODEL_HELP, prefill_progress, rate
 from .knobs import with_knob_options
 
 
@@ -35,7 +35,7 @@ def generate(
     prefill_chunk: int | None = typer.Option(
         None, help="attend and run MLPs over this many prompt tokens at a time in prefill (bounds its memory)"
     ),
-    compile: bool = typer.Option(False, "--compile", help="decode under torch.compile (compiling takes a while)"),
+    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     batch: Path | None = typer.Option(
         None, "--batch", help='JSONL file, one {"prompt": ..., "id": ...} per line: decoded as one ragged batch'
     ),

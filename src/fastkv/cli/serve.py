@@ -8,7 +8,7 @@ from ..console import err, fail, load_llm
 from ..methods import parse
 from ..models import DEFAULT_MODEL, DTYPE_HELP
 from ..quantize import QUANTIZE_HELP
-from .common import MODEL_HELP
+from .common import COMPILE_HELP, MODEL_HELP
 
 
 def serve(
@@ -32,7 +32,7 @@ def serve(
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     quantize: str = typer.Option("auto", help=QUANTIZE_HELP),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
-    compile: bool = typer.Option(False, "--compile", help="decode under torch.compile"),
+    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     ray: bool = typer.Option(False, "--ray", help="serve as Ray Serve replicas (the ray extra)", rich_help_panel="Ray"),
     replicas: int = typer.Option(1, help="with --ray: replicas, each with its own model", rich_help_panel="Ray"),
     min_replicas: int | None = typer.Option(None, help="with --ray: autoscale from this many", rich_help_panel="Ray"),
