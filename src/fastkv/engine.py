@@ -478,7 +478,8 @@ def decode_step(
 # the parameters' identity under freezing, so each model gets its own graph (at most
 # torch._dynamo.config.recompile_limit per process). The FX graph cache is off for these graphs: with
 # freezing it can hand one model the graph, and so the weights, compiled for another of the same shapes
-# (torch 2.13; tests/test_decode.py checks it).
+# (torch 2.13: it keys frozen parameters by shape, but stores the template's repacked weights, made while
+# lowering, by value; pytorch/pytorch#143563, #145868). tests/test_decode.py checks it.
 FROZEN = {
     "freezing": True,
     "max_autotune": True,
