@@ -89,6 +89,21 @@ def test_compiled_decode_freezes_each_models_own_int8_weights():
             assert fast.argmax(-1).tolist() == logits.argmax(-1).tolist()
         outputs.append(logits)
     assert (outputs[0] - outputs[1]).abs().max() > 1  # the two models do differ
+    # A batch takes the plain compiled step (the frozen one fails to compile a dynamic batch in torch 2.13).
+    ids = torch.cat([prompt_ids(64, seed=3), prompt_ids(64, seed=4)])
+    eager, logits, _ = prefill(adapter, ids, method, max_new_tokens=2)
+    compiled, _, _ = prefill(adapter, ids, method, max_new_tokens=2)
+    for step in range(2):
+        token = logits.argmax(-1)
+        logits = decode_step(adapter, eager, token, 64 + step)
+        fast = decode_step(adapter, compiled, token, 64 + step, compiled=True)
+        assert torch.allclose(fast, logits, rtol=1e-4, atol=1e-4), (fast - logits).abs().max()
+    # ... and one sequence after a batch is frozen again, as a server alternates between them.
+    eager, logits, _ = prefill(adapter, prompt_ids(n), method, max_new_tokens=1)
+    compiled, _, _ = prefill(adapter, prompt_ids(n), method, max_new_tokens=1)
+    token = logits.argmax(-1)
+    fast = decode_step(adapter, compiled, token, n, compiled=True)
+    assert (fast - decode_step(adapter, eager, token, n)).abs().max() < 0.15
 
 
 @pytest.mark.parametrize(

@@ -461,7 +461,9 @@ def decode_step(
     args = (adapter, cache.keys, cache.values, cache.attend, cache.slots, tokens, position)
     if not compiled:
         logits = decode_layers(*args)
-    elif frozen_decode(adapter):
+    elif frozen_decode(adapter) and tokens.shape[0] == 1:
+        # One sequence only: for a batch (a dynamic batch size) torch 2.13's template fails to compile (an
+        # assertion on its epilogue in cpp_gemm_template), so batches take the plain compiled step.
         with frozen_compilation():
             logits = compiled_decode_layers()(*args)
     else:
