@@ -48,16 +48,23 @@ def test_a_batch_decodes_each_sequence_as_alone():
             assert torch.allclose(logits[b], alone[0], rtol=1e-5, atol=1e-5)
 
 
+def eager_and_compiled(adapter, ids: torch.Tensor, method, steps: int):
+    """Two caches prefilled alike, then decoded greedily on the eager one's tokens, one step eagerly and one
+    compiled: yields (eager logits, compiled logits, the eager cache, the compiled cache) per step."""
+    n = ids.shape[1]
+    eager, logits, _ = prefill(adapter, ids, method, max_new_tokens=steps)
+    compiled, _, _ = prefill(adapter, ids, method, max_new_tokens=steps)
+    for step in range(steps):
+        token = logits.argmax(-1)
+        logits = decode_step(adapter, eager, token, n + step)
+        yield logits, decode_step(adapter, compiled, token, n + step, compiled=True), eager, compiled
+
+
 def test_compiled_decode_equals_eager():
     adapter = adapter_for(build_tiny("qwen2"))
     method = parse("adakv(budget=24)")  # padded heads: the mask matters
     for n in (96, 130):  # another capacity: the same compiled graph (dynamic shapes)
-        eager, logits, _ = prefill(adapter, prompt_ids(n), method, max_new_tokens=3)
-        compiled, _, _ = prefill(adapter, prompt_ids(n), method, max_new_tokens=3)
-        for step in range(3):
-            token = logits.argmax(-1)
-            logits = decode_step(adapter, eager, token, n + step)
-            fast = decode_step(adapter, compiled, token, n + step, compiled=True)
+        for logits, fast, eager, compiled in eager_and_compiled(adapter, prompt_ids(n), method, 3):
             assert torch.allclose(fast, logits, rtol=1e-4, atol=1e-5), (fast - logits).abs().max()
             assert compiled.slots[0].tolist() == eager.slots[0].tolist()
 
@@ -77,12 +84,7 @@ def test_compiled_decode_freezes_each_models_own_int8_weights():
         quantize_int8(model)
         adapter = adapter_for(model)
         assert frozen_decode(adapter)
-        eager, logits, _ = prefill(adapter, prompt_ids(n), method, max_new_tokens=3)
-        compiled, _, _ = prefill(adapter, prompt_ids(n), method, max_new_tokens=3)
-        for step in range(3):
-            token = logits.argmax(-1)
-            logits = decode_step(adapter, eager, token, n + step)
-            fast = decode_step(adapter, compiled, token, n + step, compiled=True)
+        for logits, fast, _, _ in eager_and_compiled(adapter, prompt_ids(n), method, 3):
             # Both round the rows to bfloat16 for an int8 kernel; eager also rounds each linear's output to
             # bfloat16, the compiled template keeps its float32 sums (0.04-0.06 apart on logits near 5).
             assert (fast - logits).abs().max() < 0.15, (fast - logits).abs().max()
@@ -91,19 +93,11 @@ def test_compiled_decode_freezes_each_models_own_int8_weights():
     assert (outputs[0] - outputs[1]).abs().max() > 1  # the two models do differ
     # A batch takes the plain compiled step (the frozen one fails to compile a dynamic batch in torch 2.13).
     ids = torch.cat([prompt_ids(64, seed=3), prompt_ids(64, seed=4)])
-    eager, logits, _ = prefill(adapter, ids, method, max_new_tokens=2)
-    compiled, _, _ = prefill(adapter, ids, method, max_new_tokens=2)
-    for step in range(2):
-        token = logits.argmax(-1)
-        logits = decode_step(adapter, eager, token, 64 + step)
-        fast = decode_step(adapter, compiled, token, 64 + step, compiled=True)
+    for logits, fast, _, _ in eager_and_compiled(adapter, ids, method, 2):
         assert torch.allclose(fast, logits, rtol=1e-4, atol=1e-4), (fast - logits).abs().max()
     # ... and one sequence after a batch is frozen again, as a server alternates between them.
-    eager, logits, _ = prefill(adapter, prompt_ids(n), method, max_new_tokens=1)
-    compiled, _, _ = prefill(adapter, prompt_ids(n), method, max_new_tokens=1)
-    token = logits.argmax(-1)
-    fast = decode_step(adapter, compiled, token, n, compiled=True)
-    assert (fast - decode_step(adapter, eager, token, n)).abs().max() < 0.15
+    for logits, fast, _, _ in eager_and_compiled(adapter, prompt_ids(n), method, 1):
+        assert (fast - logits).abs().max() < 0.15
 
 
 @pytest.mark.parametrize(

@@ -458,16 +458,12 @@ def decode_step(
     weights on a CPU are frozen into the graph (`FROZEN`)."""
     cache.check_room()
     position = torch.as_tensor(position, device=tokens.device).expand(tokens.shape[0])
-    args = (adapter, cache.keys, cache.values, cache.attend, cache.slots, tokens, position)
-    if not compiled:
-        logits = decode_layers(*args)
-    elif frozen_decode(adapter) and tokens.shape[0] == 1:
-        # One sequence only: for a batch (a dynamic batch size) torch 2.13's template fails to compile (an
-        # assertion on its epilogue in cpp_gemm_template), so batches take the plain compiled step.
-        with frozen_compilation():
-            logits = compiled_decode_layers()(*args)
-    else:
-        logits = compiled_decode_layers()(*args)
+    step = compiled_decode_layers() if compiled else decode_layers
+    # One sequence only: for a batch (a dynamic batch size) torch 2.13's template fails to compile (an
+    # assertion on its epilogue in cpp_gemm_template), so batches take the plain compiled step.
+    frozen = compiled and tokens.shape[0] == 1 and frozen_decode(adapter)
+    with frozen_compilation() if frozen else contextlib.nullcontext():
+        logits = step(adapter, cache.keys, cache.values, cache.attend, cache.slots, tokens, position)
     cache.steps += 1
     return logits
 
