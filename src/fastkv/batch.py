@@ -10,15 +10,17 @@ batch of one row.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Generator
+import weakref
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
 
 import torch
 
 from .adapters import Adapter, adapter_for
 from .cache import KVCache, keep_rows, merge
-from .engine import decode_step, prefill
+from .engine import decode_step, frozen_decode, prefill
 from .methods import Method, format_spec
 from .methods.base import PrefillTrace
 from .prefix import PrefixStore
@@ -171,7 +173,8 @@ class DecodeBatch:
             row.started = now if row.started is None else row.started
         tokens = torch.tensor([r.transcript.out[-1] for r in self.rows], device=self.adapter.device)
         position = self.cache.position_base + self.cache.steps
-        logits = decode_step(self.adapter, self.cache, tokens, position, self.compile)
+        with compiling(self.adapter, len(self.rows)) if self.compile else contextlib.nullcontext():
+            logits = decode_step(self.adapter, self.cache, tokens, position, self.compile)
         done, keep = [], []
         for b, row in enumerate(self.rows):
             row.steps += 1
@@ -212,6 +215,38 @@ class DecodeBatch:
         self._emit(row, final=True)
         seconds = clock(self.adapter.device) - row.started if row.started is not None else 0.0
         return row.result(seconds)
+
+
+# The kinds of compiled decode step each model has run (one row: frozen where int8 weights are on a CPU; rows
+# > 1: the plain graph). The first step of a kind compiles, for minutes: `compiling` says so on stderr.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def compiling(adapter: Adapter, rows: int) -> Iterator[None]:
+    """Around a compiled decode step: on the first of its kind for this model, a line on stderr saying that
+    it compiles and how long that takes, with a live timer where stderr is a terminal."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    kinds = _COMPILED.setdefault(adapter.model, set())
+    single = rows == 1
+    if single in kinds:
+        yield
+        return
+    kinds.add(single)
+    frozen = single and frozen_decode(adapter)
+    what = "int8 weights frozen into the graph: minutes" if frozen else "tens of seconds"
+    text = f"compiling the decode step for {'one sequence' if single else 'batches'} ({what}, once per process)"
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    if not console.is_terminal:
+        console.print(text, highlight=False)
+    columns = SpinnerColumn(), TextColumn(text), TimeElapsedColumn()
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        bar.add_task("compile", total=None)
+        yield
+    console.print(f"decode step compiled in {time.perf_counter() - start:.0f} s", highlight=False)
 
 
 def decode_alone(

@@ -31,9 +31,13 @@ def is_conversation(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(m, dict) for m in prompt)
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[int] | Messages, chat: bool) -> list[int]:
+def encode_prompt(tokenizer, prompt: str | Sequence[int] | Messages, chat: bool | None = None) -> list[int]:
     """Token ids of a prompt: token ids as they are, a conversation (OpenAI-style messages) under the chat
-    template, text under the chat template (chat=True) or as it is."""
+    template, text under the chat template (chat=True) or as it is (chat=False). chat=None, the default of
+    every entry point (Python, CLI), applies the template where the tokenizer has one: an instruct model gets
+    its chat format, a base model its plain text."""
+    if chat is None:
+        chat = has_template(tokenizer)
     if is_conversation(prompt):
         return encode_rendered(tokenizer, render_chat(tokenizer, prompt))
     if not isinstance(prompt, str):

@@ -292,6 +292,11 @@ class Prefix:
     values: list[torch.Tensor]
     mids: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def depth(self) -> int:
+        """The layers whose K/V it holds: 0..depth-1."""
+        return len(self.keys)
+
     def past(self, i: int) -> Past:
         if i >= len(self.keys):
             raise NotReusable(f"the stored prefix holds layers 0..{len(self.keys) - 1}; layer {i} needs every token")
@@ -415,8 +420,9 @@ def run_pass(
 
     h = adapter.embed(input_ids[:, p:])
     whole = True  # every prompt token is still present (the first p of them as stored state)
+    stored = prefix.depth if prefix is not None else 0
     for i in range(adapter.num_layers):
-        reusing = p > 0 and whole
+        reusing = p > 0 and whole and i < stored
         past, past_mid = (prefix.past(i), prefix.mid(i)) if reusing else (None, None)
         chosen: list[torch.Tensor | None] = []
 
@@ -428,6 +434,13 @@ def run_pass(
                 if reusing and past_mid is None:
                     raise NotReusable(f"{reducer.name} selects at layer {i}, where the prefix holds no residuals")
                 trace.propagated[i] = state.positions.gather(1, selected)
+            elif reusing and i == stored - 1 and i < last:
+                # The stored layers end here (an entry of a method that reduced after this layer) and the later
+                # ones need every token: the stored tokens rejoin from their residuals after this attention.
+                if past_mid is None:
+                    raise NotReusable(f"the stored prefix holds layers 0..{i}, and no residuals at layer {i} to "
+                                      f"continue every token from")  # fmt: skip
+                selected = torch.arange(state.present, device=state.positions.device).expand(b, -1)
             store(cache, state, policy)
             if record is not None and whole:
                 record.keys.append(state.k)
@@ -441,7 +454,7 @@ def run_pass(
 
         keep = keep_mid if record is not None and whole and (not reusing or past_mid is not None) else None
         ((h, pos),) = layer_step(adapter, i, h, pos, n, decide, chunk_size, past, i == last, past_mid, keep, on_chunk)
-        whole = whole and chosen[0] is None
+        whole = whole and (chosen[0] is None or i not in trace.propagated)  # a rejoin keeps every token
         if on_layer is not None:
             on_layer(i)
     return Pass(cache, logits_of(adapter, h), trace)

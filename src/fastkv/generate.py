@@ -27,7 +27,7 @@ def stream(
     method: Method | str | None = None,
     sampling: SamplingParams | None = None,
     *,
-    chat: bool = False,
+    chat: bool | None = None,
     on_layer: Callable[[int], None] | None = None,
     prefill_chunk: int | None = None,
     compile: bool = False,
@@ -38,7 +38,8 @@ def stream(
 
     `method` is a Method or a spec string such as "fastkv(kernel_size=13)" (default: FastKV()).
     sampling: a SamplingParams, or its fields as options (max_tokens=64, temperature=0.7, ...).
-    chat: apply the tokenizer's chat template. on_layer(i): prefill progress.
+    chat: apply the tokenizer's chat template to a text prompt; None (the default): where it has one, as the
+        CLI does (an instruct model gets its chat format, a base model plain text). on_layer(i): prefill progress.
     prefill_chunk: queries per attention and MLP chunk in prefill, to bound its memory (`prefill`).
     compile: decode under torch.compile (the first call compiles: tens of seconds, minutes for int8 weights on
         a CPU, which are frozen into the graph as a second, repacked copy and decode 1.5-2x faster).
@@ -84,7 +85,7 @@ def generate_many(
     methods: Sequence[Method | str],
     sampling: SamplingParams | None = None,
     *,
-    chat: bool = False,
+    chat: bool | None = None,
     prefill_chunk: int | None = None,
     compile: bool = False,
     **options,
@@ -113,7 +114,7 @@ def generate_batch(
     method: Method | str | None = None,
     sampling: SamplingParams | None = None,
     *,
-    chat: bool = False,
+    chat: bool | None = None,
     prefill_chunk: int | None = None,
     compile: bool = False,
     on_result: Callable[[int, GenerationResult], None] | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +273,7 @@ def load(
     (`fastkv.quantize`), "auto" does for bfloat16 on CPU, "none" keeps `dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .adapters import check_supported
     from .quantize import QUANTIZE, quantize_int8, resolve_quantize
 
     check_device(device)
@@ -279,9 +281,14 @@ def load(
         resolve_quantize(quantize, device, torch.float32)  # the error that names the choices
     measure = dtype == "auto" and quantize == "auto" and torch.device(device).type == "cpu"
     # A registered model's config is read only to measure: otherwise its weights' folder is all it needs.
+    # Any other model's config is read first, so that a family fastkv cannot run is refused before a single
+    # weight is read (a GGUF's config is its metadata: no tensor is dequantized for it).
     source, kwargs = _source(name, progress) if measure or name not in MODELS else (None, {})
+    config = _config(source, kwargs, name) if source is not None else None
+    if name not in MODELS:
+        check_supported(config)
     if measure:
-        choice = precision_auto(_config(source, kwargs, name))  # measured once per machine and shape
+        choice = precision_auto(config)  # measured once per machine and shape
         dtype, quantize = choice.dtype, choice.quantize
     dtype = resolve_dtype(dtype, device)
     quantize = resolve_quantize(quantize, device, dtype)
@@ -302,14 +309,49 @@ def _source(name: str, progress: bool = True) -> tuple[str | Path, dict]:
     """Where transformers reads a model's config and tokenizer from, and its extra kwargs."""
     if name in MODELS:
         return prepare_meta(MODELS[name], progress=progress), {}
-    if name.endswith(".gguf") and Path(name).is_file():
-        return Path(name).parent, {"gguf_file": Path(name).name}
-    if Path(name).is_dir() or _looks_like_hub_id(name):
-        return name, {}
+    path = Path(name).expanduser()
+    if name.endswith(".gguf") and path.is_file():
+        return path.parent, {"gguf_file": path.name}
+    if path.is_dir():
+        return path, {}
+    if path.exists():
+        raise ValueError(f"model {name!r} is a file but not a .gguf file: give a .gguf file or a model's folder")
+    if _looks_like_hub_id(name):
+        return _hub(name), {}
+    if name.endswith(".gguf") or name.startswith((".", "/", "~")) or os.sep in name:
+        raise ValueError(f"no such file or directory: {name!r} (the model is a local .gguf file or folder, "
+                         f"a registered name ({', '.join(MODELS)}) or a HuggingFace model id)")  # fmt: skip
     raise ValueError(
         f"unknown model {name!r}: use a registered name ({', '.join(MODELS)}), a local directory, "
         "a .gguf file or a HuggingFace model id"
     )
+
+
+HUB_TIMEOUT_S = 3.0  # a reachable hub answers a TCP connect well within this
+
+
+def _hub(name: str) -> str:
+    """A HuggingFace model id, if it can be had: from the local HuggingFace cache, else from the hub when it is
+    reachable. An unreachable hub is said at once, instead of after transformers' retries (about 20 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return name  # cached: transformers reads it without the network
+    hint = "download it where the hub is reachable and pass its local folder (--model /path/to/folder), or a .gguf file"
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"model {name!r} is not in the local HuggingFace cache and HF_HUB_OFFLINE is set: {hint}")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_TIMEOUT_S).close()
+    except OSError:
+        raise ValueError(
+            f"model {name!r} is not in the local HuggingFace cache and the hub ({constants.ENDPOINT}) is "
+            f"unreachable from here: {hint}"
+        ) from None
+    return name
 
 
 def model_config(name: str, progress: bool = True):

@@ -13,8 +13,12 @@ depends only on the prefix, and can be stored once:
 A follow-up then runs only its new tokens through those layers, attending to the stored K/V, makes every
 selection (each layer's cache, TSP's tokens) with its own observation window over all tokens, and runs the
 later layers on what continues: what a fresh prefill of the whole prompt computes, up to float rounding.
+So what a follow-up reuses depends on the entry as much as on its own method: after a FastKV entry (layers
+0..tsp_layer), a method that needs every token in every layer (SnapKV, FullKV, ...) reuses those layers,
+rejoins the stored tokens from their residuals at the TSP layer, and runs the later layers on all tokens.
 Where a method needs more than an entry holds (H2O scores with every query; PyramidInfer drops tokens at
-layer 2, where entries hold no residuals), it runs fresh and says why (`Reuse.fresh_because`).
+layer 2, where entries hold no residuals), it runs "fresh", a whole prefill, and says why
+(`Reuse.fresh_because`; `StoreStats.fresh` counts them); its own entry then serves the next follow-up.
 
 Entries are found by the longest common prefix of token ids, through a chain of hashes of fixed blocks
 of tokens (as vLLM's prefix caching) seeded with the entry's scope (model, dtype, weights, adapter): an
@@ -126,8 +130,8 @@ class PrefixStore:
         return Recording(self.mid_layers)
 
     def matches(self, scope: str, ids: list[int] | tuple[int, ...]) -> list[tuple[Entry, int]]:
-        """The entries sharing at least one block with `ids`, each with the length of that shared prefix:
-        longest first, then deepest. Each is marked as recently used."""
+        """The entries sharing at least one block with `ids`, each with the length of that shared prefix: the
+        most stored work (shared tokens x layers) first. Each is marked as recently used."""
         ids = tuple(ids)
         with self.lock:
             candidates: set[int] = set()
@@ -137,7 +141,9 @@ class PrefixStore:
                     break
                 candidates = found
             shared = {k: common_prefix(self.entries[k].ids, ids) for k in candidates}
-            ranked = sorted(candidates, key=lambda k: (-shared[k], -self.entries[k].depth))
+            # Most stored work first (tokens x layers): a follow-up rejoins every token after an entry's last
+            # layer, so a deeper entry of a shorter prefix can save more than a shallow one of a longer prefix.
+            ranked = sorted(candidates, key=lambda k: (-shared[k] * self.entries[k].depth, -shared[k]))
             for key in reversed(ranked):
                 self.entries.move_to_end(key)
             return [(self.entries[k], shared[k]) for k in ranked]

@@ -7,12 +7,15 @@ import typer
 from . import calibrate, demo, generate, info, methods, models, serve
 from .eval import app as eval_app
 
+# -h is --help on every command and subcommand (click's context settings are inherited by subcommands).
+HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     help="FastKV: faster prefill and decoding for long prompts on HuggingFace models.",
     no_args_is_help=True,
     add_completion=False,
+    context_settings=HELP,
 )
-app.command(context_settings={"help_option_names": ["-h", "--help"]})(generate.generate)
+app.command()(generate.generate)
 app.command()(serve.serve)
 app.command()(models.models)
 app.command()(methods.methods)

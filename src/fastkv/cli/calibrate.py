@@ -1,4 +1,4 @@
-"""`fastkv calibrate MODEL`: find the FastKV settings that fit a model and save them as its profile."""
+"""`fastkv calibrate --model NAME`: find the FastKV settings that fit a model and save them as its profile."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from rich.table import Table
 
 from ..console import err, fail, load_llm, out
 from ..models import DEFAULT_MODEL
+from .common import MODEL_HELP
 
 
 def calibrate(
-    model: str = typer.Argument(DEFAULT_MODEL, help="registered name, local dir, .gguf or HF id"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    positional: str | None = typer.Argument(None, hidden=True, help="the model, as earlier versions took it"),
     budget: float = typer.Option(0.1, "--budget", help="the KV budget (retain rate) to calibrate at"),
     min_speedup: float = typer.Option(1.6, help="least prefill speedup over FullKV at 8K tokens (predicted)"),
     candidates: int = typer.Option(4, help="settings with the best recall that are run for fidelity"),
@@ -28,6 +30,10 @@ def calibrate(
     from ..paths import cache_root
     from ..profiles import user_path
 
+    if positional is not None:  # `fastkv calibrate NAME`, as before every command took --model
+        if model not in (DEFAULT_MODEL, positional):
+            fail(f"the model is given twice: {positional!r} and --model {model!r}")
+        model = positional
     if not 0 < budget <= 1 or min_speedup <= 0 or candidates < 1:
         fail("--budget must be in (0, 1], --min-speedup > 0 and --candidates >= 1")
     llm = load_llm(model, dtype, device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from rich.table import Table
 
 from ..console import err, fail, load_llm, out
 from ..methods import Method, format_spec, parse, split_specs
+from ..profiles import PRESET
 
 # What only evaluation needs: the `eval` extra. module -> the package that provides it
 EVAL_MODULES = {
@@ -58,73 +60,132 @@ def build_methods(specs: str, retain_rate: float | None, tsp_rate: float | None)
 
 
 def bound(methods: list[Method], llm) -> dict[str, Method]:
-    """The methods bound to the loaded model, by canonical spec (the label of every result)."""
+    """The methods bound to the loaded model, by canonical spec (the label of every result), each rebuilt from
+    that spec: every knob is written out, so workers (`--ray`) and reruns run exactly what the label says,
+    whatever profile they hold. The model's profile, if the llm has one in force, fills FastKV's unset knobs
+    (`LLM.resolve`), as in `generate` and `serve`."""
     try:
-        resolved = [m.bind(llm.adapter.num_layers) for m in methods]
+        resolved = [format_spec(llm.resolve(m)[0]) for m in methods]
+        return {spec: parse(spec).bind(llm.adapter.num_layers) for spec in resolved}
     except ValueError as e:
         fail(str(e))
-    return {format_spec(m): m for m in resolved}
 
 
-def load_for_eval(model: str, dtype: str, device: str, quantize: str, methods: list[Method]):
-    """(the model, its precision label, the methods bound to it by canonical spec). No calibrated profile is
-    in force: evaluations run every method as its spec is written (and labelled), so "fastkv" is the paper's
-    FastKV on every model."""
+def load_for_eval(model: str, dtype: str, device: str, quantize: str, methods: list[Method], profile: bool = True):
+    """(the model, its precision label, the methods bound to it by canonical spec). With `profile`, the model's
+    calibrated profile fills the knobs of `fastkv` left unset, as `generate` and `serve` do: an evaluation
+    measures what users run. Without, "fastkv" is the paper's FastKV on every model. Says on stderr which
+    settings each method runs with."""
     llm = load_llm(model, dtype, device, quantize)
-    llm.profile = None
-    return llm, precision(dtype, quantize), bound(methods, llm)
+    if not profile:
+        llm.profile = None
+    runs = bound(methods, llm)
+    source = llm.resolve(PRESET)[1]
+    where = f"its {source}" if source != "paper" else "the paper" + ("" if profile else " (--no-profile)")
+    err.print(f"{model}: fastkv's unset knobs come from {where}; the methods as they run:", highlight=False)
+    for spec in runs:
+        err.print(f"  {spec}", highlight=False, markup=False, soft_wrap=True)  # whole, to copy
+    return llm, precision(dtype, quantize), runs
 
 
 def show(metrics: dict, out_dir: Path) -> None:
+    """The results as tables of tasks (rows) by runs (columns, numbered), with a key of the runs below: a
+    canonical spec is too long for a column header. As many runs per table as the console's width takes."""
+    from ..eval.report import shorter
+    from ..eval.store import Run
+
+    labels = list(metrics)
     tasks = sorted({t for m in metrics.values() for t in m["tasks"]})
-    table = Table(title=f"results in {out_dir}")
-    for col in ["run", *tasks, "avg", "agree %", "KL", "prefill x"]:
-        table.add_column(col, justify="left" if col == "run" else "right")
-    for label, m in metrics.items():
-        table.add_row(
-            label,
-            *[f"{m['tasks'].get(t, float('nan')):.0f}" for t in tasks],
-            f"{m['average']:.1f}",
-            f"{m['agreement']:.0f}" if "agreement" in m else "-",
-            f"{m['first_token_kl']:.3f}" if "first_token_kl" in m else "-",
-            f"{m['prefill_speedup']:.2f}" if "prefill_speedup" in m else "-",
-        )
-    out.print(table)
+    rows: list[tuple[str, Callable[[dict], str]]] = [
+        *((t, lambda m, t=t: f"{m['tasks'][t]:.0f}" if t in m["tasks"] else "-") for t in tasks),
+        ("average", lambda m: f"{m['average']:.1f}"),
+        ("agree % (FullKV)", lambda m: f"{m['agreement']:.0f}" if "agreement" in m else "-"),
+        ("first-token KL", lambda m: f"{m['first_token_kl']:.3f}" if "first_token_kl" in m else "-"),
+        ("prefill x FullKV", lambda m: f"{m['prefill_speedup']:.2f}" if "prefill_speedup" in m else "-"),
+    ]
+    first = max(len(name) for name, _ in rows)
+    per_table = max(1, (out.width - first - 4) // 8)  # a run's column: 5 characters and its borders
+    for start in range(0, len(labels), per_table):
+        table = Table(title=f"results in {out_dir}" if start == 0 else None, title_justify="left")
+        table.add_column("task", no_wrap=True)
+        shown = labels[start : start + per_table]
+        for number in range(start + 1, start + len(shown) + 1):
+            table.add_column(f"#{number}", justify="right", no_wrap=True)
+        for name, cell in rows:
+            table.add_row(name, *(cell(metrics[label]) for label in shown))
+        out.print(table)
+    for number, label in enumerate(labels, 1):
+        model, setting, method = Run.parse(label)
+        out.print(f"#{number} {shorter(method)}  [{model}, {setting}]", highlight=False, markup=False)
 
 
+# Options in panels: each panel is a table of its own in --help, so long flags (--time-prefill/--no-time-prefill)
+# do not narrow every other option's help to a column too thin for its words.
+METHODS_PANEL, RUN_PANEL, RAY_PANEL = "Methods", "Precision and output", "Ray"
 MODEL = typer.Option("qwen2.5-0.5b", "--model", "-m", help="a registered name, local dir, .gguf or HF id")
 METHODS_OPT = typer.Option(
     "fullkv,snapkv,fastkv",
     "--methods",
-    help="comma-separated method specs, e.g. 'fullkv,fastkv(kernel_size=13),fastkv+adakv', or 'all' (presets)",
+    help="comma-separated method specs (a comma inside parentheses belongs to its spec), e.g. "
+    "'fullkv, snapkv(budget=512), fastkv+adakv', or 'all' (every preset)",
+    rich_help_panel=METHODS_PANEL,
 )
-RETAIN = typer.Option(0.1, help="KV budget of every method that has one and does not set it, as a share of the prompt")
+RETAIN = typer.Option(
+    0.1,
+    help="KV budget of every method that has one and does not set it, as a share of the prompt",
+    rich_help_panel=METHODS_PANEL,
+)
+TSP = typer.Option(
+    None,
+    help="TSP rate of every method with TSP that does not set it (default: the profile's, else 0.2)",
+    rich_help_panel=METHODS_PANEL,
+)
+PROFILE = typer.Option(
+    True,
+    "--profile/--no-profile",
+    help="fill fastkv's unset knobs from the model's calibrated profile, as generate and serve do; "
+    "--no-profile: the paper's FastKV",
+    rich_help_panel=METHODS_PANEL,
+)
 # Evaluations stay in float32 by default, unlike generation ("auto"): the reference precision, so that runs
 # from any machine compare, and the committed runs resume in the precision they began in.
-EVAL_DTYPE = typer.Option("float32", help="float32 (the reference, the default of committed runs), bfloat16, float16")
-DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
-EVAL_QUANTIZE = typer.Option("none", help="none (the reference), int8 (int8 weights on CPU, float32 or bfloat16)")
-TSP = typer.Option(0.2, help="TSP rate of every method with TSP that does not set it")
-OUT = typer.Option(None, "--out", "-o", help="output directory (default: runs/<suite>)")
+EVAL_DTYPE = typer.Option(
+    "float32",
+    help="float32 (the reference, the default of committed runs), bfloat16, float16",
+    rich_help_panel=RUN_PANEL,
+)
+DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:1, ...", rich_help_panel=RUN_PANEL)
+EVAL_QUANTIZE = typer.Option(
+    "none",
+    help="none (the reference), int8 (int8 weights on CPU, float32 or bfloat16)",
+    rich_help_panel=RUN_PANEL,
+)
+OUT = typer.Option(None, "--out", "-o", help="output directory (default: runs/<suite>)", rich_help_panel=RUN_PANEL)
 LIMIT = typer.Option(None, help="answer at most N items per task (quick runs)")
 SEPARATE = typer.Option(
-    False, "--separate", help="run every method alone, to time its prefill (default: one prefill shared by all)"
+    False,
+    "--separate",
+    help="run every method alone, to time its prefill (default: one prefill shared by all)",
+    rich_help_panel=RUN_PANEL,
 )
 TIME_PREFILL = typer.Option(
-    True, help="with a shared prefill: time each method's prefill alone once, side by side (timings.json)"
+    True,
+    help="with a shared prefill: time each method's prefill alone once, side by side (timings.json)",
+    rich_help_panel=RUN_PANEL,
 )
-
-
 RAY = typer.Option(
     None,
     "--ray",
     metavar="ADDRESS",
     help="spread the items over a Ray cluster: 'local' starts one here, 'auto' joins this machine's, "
     "or a cluster address (ray://head:10001); needs the ray extra",
+    rich_help_panel=RAY_PANEL,
 )
-WORKERS = typer.Option(2, help="with --ray: workers, each an actor holding the model")
-WORKER_CPUS = typer.Option(1.0, help="with --ray: CPUs Ray reserves per worker")
-WORKER_THREADS = typer.Option(None, help="with --ray: torch threads per worker (default: its CPUs)")
+WORKERS = typer.Option(2, help="with --ray: workers, each an actor holding the model", rich_help_panel=RAY_PANEL)
+WORKER_CPUS = typer.Option(1.0, help="with --ray: CPUs Ray reserves per worker", rich_help_panel=RAY_PANEL)
+WORKER_THREADS = typer.Option(
+    None, help="with --ray: torch threads per worker (default: its CPUs)", rich_help_panel=RAY_PANEL
+)
 
 
 def precision(dtype: str, quantize: str) -> str:
@@ -165,7 +226,8 @@ def ruler(
     tasks: str = typer.Option("all", help="comma-separated RULER tasks, or 'all' (13)"),
     seed: int = typer.Option(42),
     retain_rate: float = RETAIN,
-    tsp_rate: float = TSP,
+    tsp_rate: float | None = TSP,
+    profile: bool = PROFILE,
     out_dir: Path | None = OUT,
     limit: int | None = LIMIT,
     separate: bool = SEPARATE,
@@ -189,7 +251,7 @@ def ruler(
     lengths = numbers(length, int, "--length")
     count = min(samples, limit) if limit else samples
     built = build_methods(methods, retain_rate, tsp_rate)
-    llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built)
+    llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built, profile)
     out_path = out_dir or Path("runs") / "ruler"
     config = {
         "suite": "ruler",
@@ -249,7 +311,8 @@ def niah(
     lengths: str = typer.Option("1024,2048,4096", help="context lengths in tokens"),
     depths: str = typer.Option("0,0.25,0.5,0.75,1", help="needle depths, 0 (start) to 1 (end)"),
     retain_rate: float = RETAIN,
-    tsp_rate: float = TSP,
+    tsp_rate: float | None = TSP,
+    profile: bool = PROFILE,
     out_dir: Path | None = OUT,
     separate: bool = SEPARATE,
     time_prefill: bool = TIME_PREFILL,
@@ -267,7 +330,7 @@ def niah(
 
     built = build_methods(methods, retain_rate, tsp_rate)
     grid = [(n, d) for n in numbers(lengths, int, "--lengths") for d in numbers(depths, float, "--depths")]
-    llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built)
+    llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built, profile)
     out_path = out_dir or Path("runs") / "niah"
     items = []
     for i, (n, d) in enumerate(grid):
@@ -303,10 +366,13 @@ def longbench(
     data_dir: Path = typer.Option(..., "--data-dir", help="directory with LongBench's {task}.jsonl files"),
     model: str = MODEL,
     methods: str = METHODS_OPT,
-    tasks: str = typer.Option("narrativeqa,qasper,hotpotqa,gov_report,trec,passage_count,lcc"),
+    tasks: str = typer.Option(
+        "narrativeqa, qasper, hotpotqa, gov_report, trec, passage_count, lcc", help="comma-separated LongBench tasks"
+    ),
     max_length: int | None = typer.Option(None, help="prompt window in tokens (default: the model's, less answer)"),
     retain_rate: float = RETAIN,
-    tsp_rate: float = TSP,
+    tsp_rate: float | None = TSP,
+    profile: bool = PROFILE,
     out_dir: Path | None = OUT,
     limit: int | None = LIMIT,
     separate: bool = SEPARATE,
@@ -331,7 +397,7 @@ def longbench(
             examples += LB.load_task(data_dir, task)[:limit]
         except (ValueError, FileNotFoundError) as e:
             fail(str(e))
-    llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built)
+    llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built, profile)
     window = llm.adapter.max_positions
     items = []
     for ex in examples:
@@ -399,7 +465,8 @@ def multiq(
     new_tokens: int = typer.Option(16, help="tokens generated per answer"),
     seed: int = typer.Option(7),
     retain_rate: float = RETAIN,
-    tsp_rate: float = TSP,
+    tsp_rate: float | None = TSP,
+    profile: bool = PROFILE,
     out_dir: Path | None = OUT,
     dtype: str = EVAL_DTYPE,
     quantize: str = EVAL_QUANTIZE,
@@ -414,7 +481,7 @@ def multiq(
     if not 1 <= questions <= len(M.ROOMS) or docs < 1 or new_tokens < 1:
         fail(f"--questions must be in 1..{len(M.ROOMS)}, --docs and --new-tokens >= 1")
     built = build_methods(methods, retain_rate, tsp_rate)
-    llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built)
+    llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built, profile)
     out_path = out_dir or Path("runs") / "multiq"
     store = Store(out_path)
     settings = {"length": length, "dtype": dtype_label, "seed": seed, "new_tokens": new_tokens, "version": 1}

@@ -28,7 +28,9 @@ def generate(
     top_p: float = typer.Option(1.0),
     seed: int | None = typer.Option(None),
     stop: list[str] = typer.Option([], help="stop string (repeatable)"),
-    chat: bool = typer.Option(True, help="apply the model's chat template"),
+    chat: bool | None = typer.Option(
+        None, "--chat/--no-chat", help="apply the model's chat template (default: where the model has one)"
+    ),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     quantize: str = typer.Option("auto", help=QUANTIZE_HELP),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),

@@ -14,7 +14,7 @@ from ..precision import Machine, auto, largest_linear, machine
 
 
 def info(
-    model: str = typer.Option(DEFAULT_MODEL, help="registered name, local directory or .gguf file"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="registered name, local directory or .gguf file"),
     remeasure: bool = typer.Option(False, help="time the kernels again instead of reading the cache"),
 ) -> None:
     """Print the CPU (model, flags), torch's capability (ATen's vector ISA, oneDNN's cap), and for MODEL what

@@ -39,6 +39,12 @@ def knob_lines(knobs: dict[str, tuple[object, str]], indent: int = 4) -> list[st
     return lines
 
 
+def summary(cls: type) -> str:
+    """The first paragraph of a class's docstring, as one line: its first line alone can stop mid-sentence."""
+    doc = (cls.__doc__ or "").strip()
+    return " ".join(doc.split("\n\n", 1)[0].split())
+
+
 def part_label(part) -> str:
     subs = [getattr(part, f.name).name for f in fields(part) if is_sub(f)]
     return part.name + (f" ({', '.join(subs)})" if subs else "")
@@ -54,7 +60,7 @@ def methods(
         proto = cls.prototype
         parts = f"reducer {part_label(proto.reducer)}, cache policy {part_label(proto.policy)}"
         lines += wrapped(f"{name}: reduces {proto.reduces}; {parts}", 0, 2)
-        lines += wrapped((cls.__doc__ or "").strip().splitlines()[0], 2, 2)
+        lines += wrapped(summary(cls), 2, 2)
         if cls.paper:
             lines.append(f"  {cls.paper}")
         knobs = cls.knobs_in_force()
@@ -65,7 +71,7 @@ def methods(
     lines += ["PARTS  (any reducer combines with any cache policy: REDUCER+POLICY)", ""]
     for kind, registered in PARTS.items():
         for name, part_cls in registered.items():
-            lines += wrapped(f"{kind} {name}: {(part_cls.__doc__ or '').strip().splitlines()[0]}", 0, 2)
+            lines += wrapped(f"{kind} {name}: {summary(part_cls)}", 0, 2)
             subs = {f.name: ("|".join(PARTS[f.metadata["kind"]]), f.metadata["help"]) for f in fields(part_cls)
                     if is_sub(f)}  # fmt: skip
             knobs = {**subs, **in_force(part_cls())}
@@ -74,9 +80,9 @@ def methods(
     if model is not None:
         if profile is None:
             lines += wrapped(f"{model}: no calibrated profile; fastkv uses the paper's defaults "
-                             f"(`fastkv calibrate {model}` makes one)", 0, 2)  # fmt: skip
+                             f"(`fastkv calibrate -m {model}` makes one)", 0, 2)  # fmt: skip
         else:
-            lines += wrapped(f"{model}: fastkv's defaults come from its {profile.source}", 0, 2)
+            lines += wrapped(f"{model}: fastkv's defaults come from its {profile.source}: {profile.path}", 0, 2)
     lines += wrapped(
         "A knob written in NAME(...) on the left of + configures the reducer; on the right, the cache policy. "
         "Every knob is also a --knob-name option of `fastkv generate`. On a model with a calibrated profile, "

@@ -112,7 +112,7 @@ def serve(
         scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing, replica_cpus, replica_gpus)
         serve_on_ray(options, scaling, host, port, ray_address)
         return
-    from ..serve.http import Connections, server
+    from ..serve.http import Connections, logging_config, server
 
     llm = load_llm(model, dtype, device, quantize)
     try:
@@ -122,7 +122,9 @@ def serve(
                                  prefill_share=prefill_share)  # fmt: skip
     except ValueError as e:
         fail(f"--method: {e}")
-    server(application, host, port, Connections(header_timeout, keep_alive, max_connections, shutdown_timeout)).run()
+    connections = Connections(header_timeout, keep_alive, max_connections, shutdown_timeout)
+    # uvicorn's logging plus the server's own lines (its startup line, one per request), printed alike
+    server(application, host, port, connections, log_config=logging_config()).run()
 
 
 def serve_on_ray(options, scaling, host: str, port: int, address: str | None) -> None:

@@ -148,8 +148,9 @@ def run(
                TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
     answer = answer or LocalAnswer(llm, shared)
     with Progress(*columns, disable=not progress, console=err) as bar:
-        task_id = bar.add_task(f"{model_name} {setting}", total=todo)
-        for job, results in answer(jobs, lambda j: bar.update(task_id, description=f"{model_name} {setting} {j}")):
+        name = Path(model_name).name  # a local model's folder, not its whole path: the bar keeps its columns
+        task_id = bar.add_task(f"{name} {setting}", total=todo)
+        for job, results in answer(jobs, lambda j: bar.update(task_id, description=f"{name} {setting} {j}")):
             item = job.item
             full_answer = (store.get(key(FULL, item)) or {}).get("prediction")
             full_logits = torch.load(job.logits_path) if job.logits_path.exists() else None

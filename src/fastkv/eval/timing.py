@@ -12,12 +12,15 @@ timings.json: {run label (model | setting dtype | spec): {"prefill_s", "prompt_t
 from __future__ import annotations
 
 import json
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..engine import prefill
+from ..cache import KVCache
+from ..engine import decode_step, prefill
 from ..methods import Method
 
 FILE = "timings.json"
@@ -50,3 +53,33 @@ def record(out: Path, labels: dict[str, str], times: dict[str, float], prompt_to
     for spec, seconds in times.items():
         found[labels[spec]] = {"prefill_s": round(seconds, 3), "prompt_tokens": prompt_tokens, "item": item}
     (out / FILE).write_text(json.dumps(found, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    """Seconds per decode step: the median of the timed steps, and their spread ((p90 - p10) / median)."""
+
+    median: float
+    spread: float
+    steps: int
+
+
+@torch.inference_mode()
+def time_decode(adapter, cache: KVCache, steps: int, warmup: int = 4, compiled: bool = False) -> DecodeTiming:
+    """Time `steps` decode steps on `cache` (which they fill: give a copy), after `warmup` untimed ones that
+    warm the kernels and the allocator. The same token every step: its value does not change the work."""
+    if steps < 2 or warmup < 0 or cache.room < steps + warmup:
+        raise ValueError(f"need steps >= 2, warmup >= 0 and room for both in the cache ({cache.room})")
+    device = adapter.device
+    token = torch.zeros(cache.keys[0].shape[0], dtype=torch.long, device=device)
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        decode_step(adapter, cache, token, cache.position_base + cache.steps, compiled)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    deciles = statistics.quantiles(times, n=10)
+    median = statistics.median(times)
+    return DecodeTiming(median, (deciles[-1] - deciles[0]) / median, steps)

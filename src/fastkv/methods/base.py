@@ -259,7 +259,7 @@ class Scorer(Part):
 
     kind = "scorer"
     observes: ClassVar[bool] = True
-    window_size: int = knob(8, "last prompt tokens: always kept, and (observation window) the queries that score")
+    window_size: int = knob(8, "last prompt tokens, always kept (a recent window)")
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         raise NotImplementedError

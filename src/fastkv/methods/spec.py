@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 from . import presets  # noqa: F401  (defines the presets: PRESETS is filled on import)
@@ -77,8 +77,12 @@ def split_specs(text: str) -> list[str]:
 
 
 def format_spec(method: Method) -> str:
-    """The canonical spec: a preset's name with its knobs, or REDUCER(...)+POLICY(...)."""
-    r, p = method.reducer, method.policy
+    """The canonical spec: a preset's name with its knobs, or REDUCER(...)+POLICY(...).
+
+    Every knob is written as it resolves: rates left unset as their defaults (retain_rate=0.1, tsp_rate=0.2).
+    Knobs resolved per model (tsp_layer, filter_layer) appear once the method is bound to one
+    (`method.bind(num_layers)`, as in `result.stats.method`); before that they are left out."""
+    r, p = _resolved(method.reducer), _resolved(method.policy)
     for name, cls in PRESETS.items():
         proto = cls.prototype
         if (shape(proto.reducer), shape(proto.policy)) == (shape(r), shape(p)):
@@ -87,6 +91,15 @@ def format_spec(method: Method) -> str:
                 return _render(name, {**rk, **pk})
     (rname, r_preset), (pname, p_preset) = _label(r, "reducer"), _label(p, "policy")
     return _render(rname, _flat(r, not r_preset)) + "+" + _render(pname, _flat(p, not p_preset))
+
+
+UNBOUNDED_LAYERS = 1 << 20  # binds a part without limiting the layer a knob may name
+
+
+def _resolved(part: Part) -> Part:
+    """part with its model-independent defaults resolved (rates), its per-model knobs as they were."""
+    bound = part.bind(UNBOUNDED_LAYERS)
+    return replace(bound, **{k: None for k in type(part).auto if getattr(part, k) is None})
 
 
 def spec_name(method: Method | str) -> str:

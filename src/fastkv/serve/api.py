@@ -12,8 +12,12 @@ request cancelled.
 Every error, whatever raised it (a route that does not exist, a body that is not JSON, a bad field, the
 engine), is OpenAI's error JSON with a 4xx or 5xx status chosen by the error's type, never by its text;
 no exception text or traceback reaches a client: details go to the log under the request's id, which
-the client gets too (`x-request-id`). Bodies are read with a size limit and parsed, tokenized and templated
-off the event loop, so /health answers while a large request is refused or a long prompt prefills.
+the client gets too (`x-request-id`). Ids are random (`req-` and a uuid4's 32 hex digits), unique across
+restarts and replicas; a response's id (`chatcmpl-`/`cmpl-`) has its request id's digits, so either finds
+the request's log lines. The log ("fastkv.serve") has one line at startup naming what is served and
+within which bounds, and one line per request as it ends (done, refused, failed or cancelled). Bodies
+are read with a size limit and parsed, tokenized and templated off the event loop, so /health answers
+while a large request is refused or a long prompt prefills.
 
 The steps are plain functions: `job_for` turns a request into a scheduler job, `response` and `chunk` turn
 its result into OpenAI's JSON; `create_app` only wires them to routes.
@@ -26,7 +30,9 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,7 +44,7 @@ from starlette.exceptions import HTTPException
 
 from ..chat import encode_rendered, has_template, render_chat
 from ..engine import ContextLengthError
-from ..methods import Method
+from ..methods import Method, format_spec
 from ..results import GenerationResult
 from ..sampling import SamplingError, SamplingParams
 from .metrics import Metrics
@@ -48,7 +54,6 @@ from .scheduler import EngineDown, Job, KVMemoryError, QueueFull, Scheduler
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 log = logging.getLogger("fastkv.serve")
-_ids = itertools.count(1)
 
 
 DEFAULT_CODES = {400: "invalid_value", 401: "invalid_api_key", 403: "forbidden", 404: "not_found",
@@ -90,7 +95,54 @@ def error_body(e: APIError) -> dict:
 
 
 def request_id() -> str:
-    return f"req-{next(_ids)}"
+    """A new request's id. Random rather than counted: clients and log searches use ids as keys, and a count
+    starts again at every restart and in every replica."""
+    return f"req-{uuid.uuid4().hex}"
+
+
+def response_id(rid: str, chat: bool) -> str:
+    """OpenAI's id of the response to request `rid`: the same digits, so that the id a client keeps finds
+    the server's log lines about it (they name `rid`)."""
+    return f"{'chatcmpl' if chat else 'cmpl'}-{rid.removeprefix('req-')}"
+
+
+# -- the log ---------------------------------------------------------------------------------------------
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f}".removesuffix(".0")
+
+
+def log_startup(served: Served, replica: str | None = None) -> None:
+    """One line naming what this server serves and within which bounds, so that an operator can check a
+    deployment from its log (no paths: where the defaults came from is the profile's name and date)."""
+    llm, scheduler, method, source = served.llm, served.scheduler, *served.default
+    context = llm.adapter.max_positions
+    most = min(served.limits.max_prompt_tokens or context, context)
+    store = llm.prefix_cache
+    store_bytes = min(store.max_bytes, scheduler.kv_limit) if store is not None else 0
+    log.info("serving model=%r method=%r fastkv_defaults=%s precision=%s kv_mib=%s prefix_store_mib=%s "
+             "max_batch=%d max_queue=%d max_prompt_tokens=%d prefill_chunk=%s%s",
+             served.name, format_spec(method), repr(source) if source else "none", llm.precision,
+             mib(scheduler.kv_limit), mib(store_bytes), scheduler.max_batch, scheduler.max_queue, most,
+             scheduler.prefill_chunk or "whole", f" replica={replica}" if replica else "")  # fmt: skip
+
+
+def log_done(rid: str, result: GenerationResult) -> None:
+    """The line of a request answered in full (streamed or not)."""
+    s = result.stats
+    rate = s.decode_tokens_per_s
+    log.info("%s done: finish=%s prompt_tokens=%d prefix_reused=%d prefill_s=%.3f new_tokens=%d decode_tok_s=%s",
+             rid, FINISH[result.finish_reason], s.prompt_tokens, s.prefix_tokens_reused, s.prefill_seconds,
+             s.new_tokens, f"{rate:.1f}" if math.isfinite(rate) else "-")  # fmt: skip
+
+
+def log_ended(rid: str, e: APIError) -> None:
+    """The line of a request that ended without its answer: refused (4xx), cancelled (its client went
+    away) or failed (5xx; the error's details were logged where it was raised). The client's own text (a
+    field's name) is quoted and cut short, so that a request cannot forge or flood log lines."""
+    what = "cancelled" if e.status == 499 else "failed" if e.status >= 500 else "refused"
+    param = f" param={e.param[:100]!r}" if e.param else ""
+    log.log(logging.WARNING if e.status >= 500 else logging.INFO, "%s %s: status=%d code=%s%s", rid, what,
+            e.status, e.code, param)  # fmt: skip
 
 
 # -- request -> job --------------------------------------------------------------------------------------
@@ -270,10 +322,11 @@ async def collect(scheduler: Scheduler, request: Request, job: Job) -> Generatio
 
 
 async def events(served: Served, job: Job, rid: str, created: int, chat: bool, source: str, with_usage: bool):
-    """A job's stream of server-sent events; with_usage (stream_options.include_usage): every chunk carries
-    "usage": null and a last chunk, with no choices, the usage."""
+    """A job's stream of server-sent events (rid: the response's id); with_usage (stream_options.include_usage):
+    every chunk carries "usage": null and a last chunk, with no choices, the usage."""
     extra = {"usage": None} if with_usage else {}
     sent = 0  # characters of text streamed so far: completions' text offsets count from it
+    ended = False
     try:
         if chat:
             yield chunk(served, rid, created, chat, None, **extra)
@@ -285,6 +338,8 @@ async def events(served: Served, job: Job, rid: str, created: int, chat: bool, s
                 sent += len(piece)
                 yield chunk(served, rid, created, chat, piece, logprobs=logprobs, **extra)
             elif event == "done":
+                ended = True
+                log_done(job.request_id, value)
                 yield chunk(served, rid, created, chat, None if chat else "", FINISH[value.finish_reason],
                             fastkv=stats(value, source), **(extra or {"usage": usage(value)}))  # fmt: skip
                 if with_usage:
@@ -294,11 +349,16 @@ async def events(served: Served, job: Job, rid: str, created: int, chat: bool, s
                     yield f"data: {json.dumps(last)}\n\n"
                 break
             else:
-                yield f"data: {json.dumps(error_body(APIError(503, value, code='engine_error')))}\n\n"
+                ended = True
+                failure = APIError(503, value, code="engine_error")
+                log_ended(job.request_id, failure)
+                yield f"data: {json.dumps(error_body(failure))}\n\n"
                 break
         yield "data: [DONE]\n\n"
     finally:  # the client went away (the generator is closed) or the stream ended: free the job
         served.scheduler.cancel(job)
+        if not ended:
+            log_ended(job.request_id, APIError(499, "the client went away", code="client_closed"))
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -330,7 +390,7 @@ async def answer(served: Served, request: Request, kind: type[Sampling]):
     except EngineDown as e:
         raise APIError(503, str(e), code="engine_unavailable") from None
     chat = kind is ChatRequest
-    oid, created = f"{'chatcmpl' if chat else 'cmpl'}-{job.id}", int(time.time())
+    oid, created = response_id(rid, chat), int(time.time())
     if body.stream:
         served.metrics.requests.labels("200").inc()
         with_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -338,6 +398,7 @@ async def answer(served: Served, request: Request, kind: type[Sampling]):
         return StreamingResponse(stream, media_type="text/event-stream")
     result = await collect(served.scheduler, request, job)
     served.metrics.requests.labels("200").inc()
+    log_done(rid, result)
     return response(served, oid, created, chat, result, source)
 
 
@@ -358,6 +419,7 @@ class Guard:
         refused = self.refusal(scope["path"], headers)
         if refused is not None:
             self.metrics.requests.labels(str(refused.status)).inc()
+            log_ended(rid, refused)
             body = json.dumps(error_body(refused)).encode()
             extra = [(b"www-authenticate", b"Bearer")] if refused.status == 401 else []
             await send({"type": "http.response.start", "status": refused.status,
@@ -418,6 +480,7 @@ def create_app(llm, name: str, method: str, kv_mib: float, max_batch: int = 16, 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
+        log_startup(served, replica)
         yield
         await asyncio.to_thread(scheduler.stop, shutdown_timeout)
 
@@ -427,6 +490,7 @@ def create_app(llm, name: str, method: str, kv_mib: float, max_batch: int = 16, 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         metrics.requests.labels(str(e.status)).inc()
+        log_ended(getattr(request.state, "rid", "?"), e)
         headers = {"Retry-After": "1"} if e.status == 429 else None
         return JSONResponse(error_body(e), status_code=e.status, headers=headers)
 

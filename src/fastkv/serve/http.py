@@ -6,17 +6,23 @@
 - At most `max_connections` connections at once: beyond them uvicorn answers 503.
 - Shutdown (SIGTERM, SIGINT) is bounded: admission stops and waiting requests fail at once, running ones
   get `shutdown_timeout` seconds to finish, then the rest end with an error and the process exits.
+- `logging_config`: uvicorn's logging with the server's own logger ("fastkv.serve": its startup line, a
+  line per request, errors) printed as uvicorn prints its lines; `fastkv serve` runs with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import h11
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+LOGGER = "fastkv.serve"  # the logger of the app and its scheduler (`api.log`)
 
 
 @dataclass(frozen=True)
@@ -80,14 +86,31 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def server(app, host: str, port: int, limits: Connections = Connections(), log_level: str = "info") -> Server:
-    """A uvicorn server for a fastkv app (`create_app`), with `limits`."""
+def logging_config(level: str = "info", with_uvicorn: bool = True) -> dict:
+    """A `logging.config.dictConfig` configuration: uvicorn's own (`uvicorn.config.LOGGING_CONFIG`) with the
+    "fastkv.serve" logger added at `level`, through uvicorn's handler and formatter (`DefaultFormatter`), so
+    that the server's lines read like uvicorn's ("INFO:     ..."). Without a handler of its own that logger
+    would print nothing below WARNING (Python's last-resort handler). It does not propagate, as uvicorn's
+    loggers do not, so that a root handler does not print its lines twice. with_uvicorn False: that logger
+    alone (a Ray replica, where no uvicorn server of ours runs)."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    if not with_uvicorn:
+        config["loggers"] = {}
+    config["loggers"][LOGGER] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def server(app, host: str, port: int, limits: Connections = Connections(), log_level: str = "info",
+           log_config: dict | None = None) -> Server:  # fmt: skip
+    """A uvicorn server for a fastkv app (`create_app`), with `limits`. log_config: the logging configuration
+    it applies (`logging_config`; None: uvicorn's own, which leaves "fastkv.serve" to the caller's logging)."""
     protocol = type("Bounded", (HeadTimeout,), {"header_timeout": limits.header_timeout})
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
+        log_config=LOGGING_CONFIG if log_config is None else log_config,
         http=protocol,
         timeout_keep_alive=int(max(1, limits.keep_alive)),
         limit_concurrency=limits.max_connections,

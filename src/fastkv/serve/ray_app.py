@@ -89,12 +89,19 @@ _REPLICA: dict = {}  # this replica's name and Metrics (each replica is its own 
 
 
 def build_app(options: ReplicaOptions):
-    """Runs inside each replica: load the model, build the app."""
+    """Runs inside each replica: load the model, build the app. The replica logs what `fastkv serve` logs
+    (its startup line, one line per request) in the same format; Ray keeps a replica's output in its logs
+    and shows it on the driver's console."""
+    import logging.config
+
     import torch
     from ray import serve
 
     from ..llm import LLM
     from .api import create_app
+    from .http import logging_config
+
+    logging.config.dictConfig(logging_config(with_uvicorn=False))
 
     if options.threads:
         torch.set_num_threads(options.threads)
