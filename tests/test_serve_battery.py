@@ -438,9 +438,10 @@ def test_sigterm_bounds_the_shutdown(tiny_dir):
         assert all(a.status_code == 503 for a in answers), [a.text for a in answers]
         assert time.perf_counter() - stopped < 2.0  # they did not wait for the running request
         proc.wait(timeout=20)
-        # uvicorn re-raises the signal once it has shut down, so the process ends as SIGTERM ends it
-        ended = proc.returncode in (0, -signal.SIGTERM)
-        assert time.perf_counter() - stopped < 15 and ended, proc.stderr.read()[-2000:]
+        # A stop that SIGTERM asked for, done cleanly, exits 0 (uvicorn alone would re-raise the signal).
+        errors = proc.stderr.read()
+        assert time.perf_counter() - stopped < 15 and proc.returncode == 0, errors[-2000:]
+        assert b"Traceback" not in errors, errors.decode()[-4000:]
         thread.join(10)
         assert events and not thread.is_alive()  # the running stream ended (cut off or closed), no hang
     finally:

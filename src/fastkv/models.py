@@ -8,6 +8,7 @@ result as safetensors, in the dtype asked for only, in the user cache (`$FASTKV_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -294,15 +295,37 @@ def load(
     quantize = resolve_quantize(quantize, device, dtype)
     if name in MODELS:
         source = prepare(MODELS[name], dtype, progress=progress)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except OSError as err:
-        raise ValueError(f"could not load model {name!r}: {err}") from err
-    model = model.to(device).eval()
-    if quantize == "int8":
-        quantize_int8(model)
+    what = f"loading {name} ({_dtype_name(dtype)}{', int8 weights' if quantize == 'int8' else ''})"
+    with quiet_loading(what, progress):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        except OSError as err:
+            raise ValueError(f"could not load model {name!r}: {err}") from err
+        model = model.to(device).eval()
+        if quantize == "int8":
+            quantize_int8(model)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def quiet_loading(what: str, progress: bool):
+    """One transient status line on stderr (with progress) instead of transformers' per-tensor progress bar,
+    which would stay on a user's console after every load."""
+    from rich.console import Console
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        if progress:
+            with Console(stderr=True).status(what, spinner="dots"):
+                yield
+        else:
+            yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _source(name: str, progress: bool = True) -> tuple[str | Path, dict]:

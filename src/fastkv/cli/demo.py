@@ -24,8 +24,9 @@ from ..sampling import SamplingParams
 from .common import prefill_progress, rate
 
 # Decode speed is timed apart from the answer, which may end after a few tokens: this many steps of the same
-# cache after WARMUP untimed ones, the median reported, and a spread above NOISY said to be unreliable.
-DECODE_STEPS, WARMUP, NOISY = 24, 4, 0.3
+# cache after WARMUP untimed ones, the median reported, and a spread (interquartile range over the median)
+# above NOISY said to be unreliable.
+DECODE_STEPS, WARMUP, NOISY = 32, 4, 0.2
 
 
 @dataclass
@@ -110,7 +111,7 @@ def show(llm, model: str, needle, runs: list[Method], answered: list[Answered]) 
     )
     if any(a.decode.spread > NOISY for a in answered):
         out.print(
-            f"~: those steps varied by more than {NOISY:.0%} of their median (a busy machine?): "
+            f"~: the middle half of those steps spread over more than {NOISY:.0%} of their median (a busy machine?): "
             "read the decode column with care, or run the demo again.",
             highlight=False,
         )

@@ -57,7 +57,8 @@ def record(out: Path, labels: dict[str, str], times: dict[str, float], prompt_to
 
 @dataclass(frozen=True)
 class DecodeTiming:
-    """Seconds per decode step: the median of the timed steps, and their spread ((p90 - p10) / median)."""
+    """Seconds per decode step: the median of the timed steps, and their spread: the interquartile range over
+    the median (a rare stall of the host, which the median ignores, does not count as spread)."""
 
     median: float
     spread: float
@@ -80,6 +81,6 @@ def time_decode(adapter, cache: KVCache, steps: int, warmup: int = 4, compiled: 
             torch.cuda.synchronize(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    deciles = statistics.quantiles(times, n=10)
+    quartiles = statistics.quantiles(times, n=4)
     median = statistics.median(times)
-    return DecodeTiming(median, (deciles[-1] - deciles[0]) / median, steps)
+    return DecodeTiming(median, (quartiles[-1] - quartiles[0]) / median, steps)

@@ -5,7 +5,7 @@
   forever. Idle keep-alive connections close after `keep_alive` seconds.
 - At most `max_connections` connections at once: beyond them uvicorn answers 503.
 - Shutdown (SIGTERM, SIGINT) is bounded: admission stops and waiting requests fail at once, running ones
-  get `shutdown_timeout` seconds to finish, then the rest end with an error and the process exits.
+  get `shutdown_timeout` seconds to finish, then the rest end with an error and the process exits 0.
 - `logging_config`: uvicorn's logging with the server's own logger ("fastkv.serve": its startup line, a
   line per request, errors) printed as uvicorn prints its lines; `fastkv serve` runs with it.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import threading
 from dataclasses import dataclass
 
 import h11
@@ -23,6 +24,9 @@ from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 LOGGER = "fastkv.serve"  # the logger of the app and its scheduler (`api.log`)
+
+
+GRACE_AFTER_STOP = 5  # seconds uvicorn waits for responses beyond the scheduler's shutdown bound
 
 
 @dataclass(frozen=True)
@@ -77,13 +81,30 @@ class HeadTimeout(H11Protocol):
 class Server(uvicorn.Server):
     """uvicorn's server, telling the app's scheduler to stop admitting as soon as a shutdown signal comes."""
 
-    def __init__(self, config: uvicorn.Config, scheduler) -> None:
+    def __init__(self, config: uvicorn.Config, scheduler, shutdown_timeout: float = 30.0) -> None:
         super().__init__(config)
-        self.scheduler = scheduler
+        self.scheduler, self.shutdown_timeout = scheduler, shutdown_timeout
+        self.stopping: threading.Thread | None = None
 
     def handle_exit(self, sig, frame) -> None:
+        """Stop admitting now, and end the running requests ourselves after `shutdown_timeout` (each stream
+        gets an error event and its `[DONE]`): uvicorn's own bound comes later (`server`), so it never has to
+        cancel a response half-written, which it logs with a traceback."""
         self.scheduler.close_admission()
+        if self.stopping is None:
+            self.stopping = threading.Thread(target=self.scheduler.stop, args=(self.shutdown_timeout,), daemon=True)
+            self.stopping.start()
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """uvicorn's, except that a shutdown a signal asked for, once done, exits 0: uvicorn re-raises the
+        signal after its graceful shutdown, so the process would end killed by it (status -15 / 143) and a
+        supervisor would count a clean stop as a failure. A forced exit (a second Ctrl-C) still re-raises."""
+        with super().capture_signals():
+            yield
+            if not self.force_exit and hasattr(self, "_captured_signals"):
+                self._captured_signals.clear()
 
 
 def logging_config(level: str = "info", with_uvicorn: bool = True) -> dict:
@@ -114,6 +135,7 @@ def server(app, host: str, port: int, limits: Connections = Connections(), log_l
         http=protocol,
         timeout_keep_alive=int(max(1, limits.keep_alive)),
         limit_concurrency=limits.max_connections,
-        timeout_graceful_shutdown=int(max(1, limits.shutdown_timeout)),
+        # After the scheduler's own bound (`Server.handle_exit`), with time for the ended streams to close.
+        timeout_graceful_shutdown=int(max(1, limits.shutdown_timeout)) + GRACE_AFTER_STOP,
     )
-    return Server(config, app.state.scheduler)
+    return Server(config, app.state.scheduler, limits.shutdown_timeout)
