@@ -53,7 +53,7 @@ def main() -> None:
     compiled = {p: "compiled" in p.split("+")[1:] for p in precisions}
     for p in precisions:
         if compiled[p]:  # compile outside the timed prompts (minutes for int8 weights: autotuning)
-            llms[p].generate("Warm up.", max_tokens=2, chat=True, compile=True)
+            llms[p].generate("Warm up.", max_tokens=2, compile=True)
     reference = precisions[0]
     tokenizer = llms[reference].tokenizer
     prompts = [
@@ -68,7 +68,7 @@ def main() -> None:
     for n, needle in enumerate(prompts):
         for method in methods:
             got = {
-                p: llm.generate(needle.text, method, max_tokens=args.max_new_tokens, chat=True, compile=compiled[p])
+                p: llm.generate(needle.text, method, max_tokens=args.max_new_tokens, compile=compiled[p])
                 for p, llm in llms.items()
             }
             ref = got[reference]

@@ -144,13 +144,15 @@ def bench_engine(adapter, ids: torch.Tensor, method, steps: int, chunk: int | No
 
 
 def filled_cache(adapter, length: int, steps: int) -> KVCache:
-    """A cache holding `length` random entries per layer, as if a prefill had kept them."""
+    """A cache holding `length` random entries per layer, as if a prefill had kept them (a layer with a sliding
+    window: its window's worth, the last entries, in its ring)."""
     cache = KVCache(prompt_len=length, max_new_tokens=steps)
-    shape = (1, adapter.num_kv_heads, length, adapter.head_dim)
     options = {"dtype": adapter.dtype, "device": adapter.device}
-    positions = torch.arange(length, device=adapter.device).expand(1, adapter.num_kv_heads, length)
-    for _ in range(adapter.num_layers):
-        cache.store(torch.randn(shape, **options), torch.randn(shape, **options), positions)
+    for window in adapter.windows:
+        kept = length if window is None else min(length, window - 1)
+        shape = (1, adapter.num_kv_heads, kept, adapter.head_dim)
+        positions = torch.arange(length - kept, length, device=adapter.device).expand(1, adapter.num_kv_heads, kept)
+        cache.store(torch.randn(shape, **options), torch.randn(shape, **options), positions, window=window)
     return cache
 
 

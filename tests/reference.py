@@ -69,6 +69,32 @@ def run_layers_with_drops(model, ids: torch.Tensor, drops: dict[int, torch.Tenso
     return model.lm_head(base.norm(h))[:, -1]
 
 
+@torch.no_grad()
+def run_layers_with_drops_by_position(model, ids: torch.Tensor, drops: dict[int, torch.Tensor]) -> torch.Tensor:
+    """`run_layers_with_drops` for models with sliding windows: each layer gets a mask written from the tokens'
+    original positions (query p sees keys at positions in (p - W, p] in a windowed layer, [0, p] in another),
+    its own rotary embedding (per layer type), and the model's final norm, output layer and soft-cap."""
+    from fastkv import adapter_for
+
+    adapter = adapter_for(model)  # its windows and logits only: the layers are transformers' own
+    base = model.model
+    h = base.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])[None]
+    for i, layer in enumerate(base.layers):
+        q, k = pos[0][:, None], pos[0][None, :]
+        seen = k <= q
+        if adapter.windows[i] is not None:
+            seen &= k > q - adapter.windows[i]
+        mask = torch.zeros(seen.shape, dtype=h.dtype).masked_fill(~seen, float("-inf"))[None, None]
+        kind = getattr(model.config, "layer_types", [None] * len(base.layers))[i]
+        rope = base.rotary_emb(h, pos, kind) if model.config.model_type == "gemma3_text" else base.rotary_emb(h, pos)
+        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+        if i in drops:
+            keep = torch.isin(pos[0], drops[i].flatten())
+            h, pos = h[:, keep], pos[:, keep]
+    return adapter.logits(h)
+
+
 def run_layers_on_subset(model, ids: torch.Tensor, split: int, keep: torch.Tensor) -> torch.Tensor:
     """Layers 0..split see the whole prompt, later layers only the tokens at positions `keep`."""
     return run_layers_with_drops(model, ids, {split: keep})
@@ -117,6 +143,9 @@ def _per_layer_masked_attention(masks):
         group = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
         logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+        cap = getattr(module, "attn_logit_softcapping", None)  # Gemma 2
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         mask = masks[module.layer_idx]
         if mask is not None:
             logits = logits.masked_fill(~mask.repeat_interleave(group, dim=1)[:, :, None, :], float("-inf"))
@@ -126,6 +155,12 @@ def _per_layer_masked_attention(masks):
     return attend
 
 
+def adapter_windows(model) -> list[int | None]:
+    from fastkv import adapter_for
+
+    return adapter_for(model).windows
+
+
 @torch.no_grad()
 def hf_decode_logits(model, cache, token: int, position: int) -> torch.Tensor:
     """transformers' own decode step over the entries of a fastkv cache, at `position`.
@@ -133,14 +168,20 @@ def hf_decode_logits(model, cache, token: int, position: int) -> torch.Tensor:
     For a padded cache (AdaKV) the model runs with a test-only attention function that masks each
     layer's padding; otherwise with its own attention.
     """
-    hf_cache = DynamicCache(config=model.config)
+    # A model with sliding windows gets a cache of full layers (transformers' sliding ones would assume the
+    # last W - 1 positions, contiguous) and each windowed layer a mask by the entries' positions.
+    windows = adapter_windows(model)
+    hf_cache = DynamicCache() if any(w is not None for w in windows) else DynamicCache(config=model.config)
     masks = []
     for i, (k, v, n) in enumerate(zip(cache.keys, cache.values, cache.lengths, strict=True)):
         hf_cache.update(k[:, :, :n].clone(), v[:, :, :n].clone(), i)
-        if cache.valid[i] is None:
+        real = cache.valid[i] if cache.valid[i] is not None else None
+        if windows[i] is not None:
+            seen = cache.positions[i] > position - windows[i]
+            real = seen if real is None else real & seen
+        if real is None:
             masks.append(None)
-        else:
-            real = cache.valid[i]  # the prefill entries that are real; decoded ones and the new token are too
+        else:  # the prefill entries that are real (and in reach); decoded ones and the new token are too
             b, h, kept = real.shape
             masks.append(torch.cat([real, torch.ones(b, h, n - kept + 1, dtype=torch.bool, device=real.device)], -1))
     inputs = dict(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[position]]), cache=hf_cache)
@@ -165,7 +206,7 @@ def assert_same_as_fullkv(adapter, ids: torch.Tensor, method, steps: int) -> Non
     cache, logits, trace = prefill(adapter, ids, method, max_new_tokens=steps)
     assert trace.tokens_per_layer == [n] * adapter.num_layers and not trace.propagated
     assert getattr(trace, "filter", None) is None  # no filter ran
-    assert cache.lengths == [n] * adapter.num_layers
+    assert cache.lengths == ref_cache.lengths  # every token (a layer with a sliding window: its window)
     for step in range(steps):
         assert torch.equal(logits, ref)
         token = ref.argmax(-1)

@@ -26,8 +26,8 @@ W = 8
 
 
 @pytest.mark.parametrize("pooling", ["max", "avg"])
-def test_snapkv_keeps_reference_top_entries(family, pooling):
-    model = build_tiny(family, attn="eager")
+def test_snapkv_keeps_reference_top_entries(dense_family, pooling):
+    model = build_tiny(dense_family, attn="eager")
     ids = prompt_ids(L)
     probs = eager_attentions(model, ids)
     method = SnapKV(budget=24, window_size=W, kernel_size=5, pooling=pooling)
@@ -41,8 +41,8 @@ def test_snapkv_keeps_reference_top_entries(family, pooling):
             assert_top_entries(cache.positions[i][0, head], ref[head], W, 24)
 
 
-def test_snapkv_cache_holds_the_selected_keys(family):
-    model = build_tiny(family)
+def test_snapkv_cache_holds_the_selected_keys(dense_family):
+    model = build_tiny(dense_family)
     adapter = adapter_for(model)
     ids = prompt_ids(L)
     full, _, _ = prefill(adapter, ids, FullKV())
@@ -55,8 +55,8 @@ def test_snapkv_cache_holds_the_selected_keys(family):
         torch.testing.assert_close(snap.values[i][:, :, :n], full.values[i][:, :, :L].gather(2, idx))
 
 
-def test_fastkv_propagates_reference_top_tokens(family):
-    eager = build_tiny(family, attn="eager")
+def test_fastkv_propagates_reference_top_tokens(dense_family):
+    eager = build_tiny(dense_family, attn="eager")
     ids = prompt_ids(L, seed=3)
     probs = eager_attentions(eager, ids)
     method = FastKV(tsp_layer=1, tsp_rate=0.5, min_tsp_len=1, budget=24, window_size=W, kernel_size=7)
@@ -80,13 +80,13 @@ def test_fastkv_propagates_reference_top_tokens(family):
 
     # The propagated tokens carry their original positions: transformers' own layers, run on exactly
     # those tokens at those positions, give the same logits.
-    ref = run_layers_on_subset(build_tiny(family, attn="sdpa"), ids, split=1, keep=selected)
+    ref = run_layers_on_subset(build_tiny(dense_family, attn="sdpa"), ids, split=1, keep=selected)
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", [SnapKV(budget=24), FastKV(tsp_layer=1, tsp_len=40, budget=24)])
-def test_decode_continues_from_original_length(family, method):
-    model = build_tiny(family)
+def test_decode_continues_from_original_length(dense_family, method):
+    model = build_tiny(dense_family)
     adapter = adapter_for(model)
     ids = prompt_ids(L, seed=4)
     cache, logits, _ = prefill(adapter, ids, method, max_new_tokens=3)

@@ -154,7 +154,7 @@ def question(i: int) -> str:
 def test_two_replicas_stream_and_answer_and_share_the_load(replicas, llm):
     url, client = replicas
     done = client.completions.create(model=str(llm.name), prompt=question(1), max_tokens=6, temperature=0)
-    assert done.choices[0].text == llm.generate(question(1), METHOD, max_tokens=6).text
+    assert done.choices[0].text == llm.generate(question(1), METHOD, max_tokens=6, chat=False).text
     messages = [{"role": "user", "content": question(2)}]
     whole = client.chat.completions.create(model=llm.name, messages=messages, max_tokens=8, temperature=0)
     pieces = client.chat.completions.create(model=llm.name, messages=messages, max_tokens=8, temperature=0,
@@ -168,7 +168,7 @@ def test_two_replicas_stream_and_answer_and_share_the_load(replicas, llm):
 
     with ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(ask, range(1, 17)))
-    assert texts == [llm.generate(question(i), METHOD, max_tokens=4).text for i in range(1, 17)]
+    assert texts == [llm.generate(question(i), METHOD, max_tokens=4, chat=False).text for i in range(1, 17)]
     text = httpx.get(url + "/metrics").text
     served = {line.split('replica="')[1].split('"')[0]: float(line.split()[-1])
               for line in text.splitlines() if line.startswith("fastkv_requests_total{")}  # fmt: skip
@@ -211,7 +211,7 @@ def test_a_killed_replica_fails_its_requests_clearly_and_the_deployment_recovers
     assert len(now) == 2 and pids[0] not in now, "the deployment did not replace the killed replica"
     for i in range(4):  # later requests succeed
         done = client.completions.create(model=llm.name, prompt=question(i + 1), max_tokens=4, temperature=0)
-        assert done.choices[0].text == llm.generate(question(i + 1), METHOD, max_tokens=4).text
+        assert done.choices[0].text == llm.generate(question(i + 1), METHOD, max_tokens=4, chat=False).text
 
 
 def test_a_client_that_goes_away_cancels_the_request_in_the_engine(replicas, llm):

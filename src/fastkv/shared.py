@@ -48,7 +48,7 @@ def prefill_many(
     b, n = input_ids.shape
     check_prompt(adapter, n, max_new_tokens)
     check_chunk(chunk_size)
-    bound = [m.bind(adapter.num_layers) for m in methods]
+    bound = [adapter.bind(m) for m in methods]
     results: list = [None] * len(bound)
     shared = [i for i, m in enumerate(bound) if single_pass(m.reducer)]
     for i in set(range(len(bound))) - set(shared):
@@ -75,7 +75,7 @@ def prefill_many(
                         groups.append((selected, [i]))
                     if selected is not None:
                         traces[i].propagated[li] = state.positions.gather(1, selected)
-                    store(caches[i], state, bound[i].policy)
+                    store(caches[i], state, bound[i].policy, adapter.windows[li])
                 return [selected for selected, _ in groups]
 
             steps = layer_step(adapter, li, br.h, br.pos, n, decide, chunk_size, last=li == last)

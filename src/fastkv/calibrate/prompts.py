@@ -11,6 +11,8 @@ import random
 import uuid
 from dataclasses import dataclass
 
+from ..chat import has_template
+
 NEEDLES = ("number", "word", "uuid", "identifier", "two_hop")
 HAYSTACKS = ("prose", "code", "logs")
 PER_KIND = 2  # prompts per needle kind in a calibration
@@ -104,7 +106,10 @@ def build(tokenizer, kind: str, haystack: str, length: int, seed: int) -> Prompt
     for depth, sentence in sorted(zip(sorted(rng.uniform(0.1, 0.9) for _ in hidden), hidden, strict=True)):
         units.insert(int(depth * len(units)), sentence)
     joiner = "\n" if haystack != "prose" else " "
-    return Prompt(kind, haystack, joiner.join(units) + "\n\n" + question, answer)
+    text = joiner.join(units) + "\n\n" + question
+    if not has_template(tokenizer):  # a base model completes text: the prompt starts its answer
+        text += "\nAnswer:"
+    return Prompt(kind, haystack, text, answer)
 
 
 def prompt_set(tokenizer, lengths: tuple[int, ...] = LENGTHS, per_kind: int = PER_KIND) -> list[Prompt]:

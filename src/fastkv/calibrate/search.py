@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..chat import encode_rendered, render_chat
+from ..chat import encode_rendered, has_template, render_chat
 from ..engine import layer_step, prefill
 from ..eval.metrics import first_token_kl
 from ..methods import Composed, FastKV, LayerState, Reducer, Selection, SnapKV, format_spec
@@ -53,10 +53,14 @@ class Setting:
         return FastKV(**asdict(self), retain_rate=retain_rate)
 
 
-def grid(num_layers: int) -> list[Setting]:
-    """TSP layers from the paper's (layers // 2 - 1) to 3 before the end, every other one; the grid's knobs."""
+def grid(num_layers: int, ranking_layers: list[int] | None = None) -> list[Setting]:
+    """TSP layers from the paper's (layers // 2 - 1) to 3 before the end, every other one (on a hybrid model,
+    its global layers before the last: TSP ranks the prompt there, `methods.base.ranking_layer`); the grid's
+    knobs."""
     start = max(0, num_layers // 2 - 1)
     layers = range(start, max(start + 1, num_layers - 2), 2)
+    if ranking_layers is not None:
+        layers = [i for i in ranking_layers if i < num_layers - 1]
     return [Setting(*s) for s in itertools.product(layers, KERNELS, POOLINGS, WINDOWS, RATES)]
 
 
@@ -169,8 +173,9 @@ def calibrate(
     """Run both stages (resuming from `work_root`) and return the profile record."""
     adapter, tokenizer = llm.adapter, llm.tokenizer
     n_layers = adapter.num_layers
-    settings = grid(n_layers)
-    paper = Setting(max(0, n_layers // 2 - 1), 7, "max", 8, 0.2)
+    settings = grid(n_layers, adapter.ranking_layers)
+    paper_layer = adapter.bind(FastKV()).reducer.tsp_layer  # the paper's, or the global layer nearest it
+    paper = Setting(paper_layer, 7, "max", 8, 0.2)
     lengths = tuple(min(n, adapter.max_positions - ANSWER_TOKENS) for n in lengths)  # room for the answer
     prompts = prompt_set(tokenizer, lengths, per_kind)
     config = {
@@ -188,8 +193,10 @@ def calibrate(
 
     for i, p in enumerate(prompts):  # stage 1: recall of every setting
         if work.get(1, i) is None:
-            text = render_chat(tokenizer, p.text)
-            ids = torch.tensor([encode_rendered(tokenizer, text)], device=adapter.device)
+            chat = has_template(tokenizer)  # a base model's prompt goes in as it is, as `generate` sends it
+            text = render_chat(tokenizer, p.text) if chat else p.text
+            ids = torch.tensor([encode_rendered(tokenizer, text) if chat else tokenizer(text)["input_ids"]],
+                               device=adapter.device)  # fmt: skip
             observe = Observe(
                 settings=tuple(settings), answer=answer_positions(tokenizer, text, p.answer), retain_rate=retain_rate
             )
@@ -224,7 +231,7 @@ def calibrate(
     ranked = sorted(eligible, key=lambda s: (*recall(s), -s.tsp_layer, -s.tsp_rate), reverse=True)
     finalists = list(dict.fromkeys([*ranked[:candidates], paper]))
     methods = [SnapKV(retain_rate=retain_rate), *(s.method(retain_rate) for s in finalists)]
-    specs = [format_spec(m.bind(n_layers)) for m in methods]
+    specs = [format_spec(adapter.bind(m)) for m in methods]
 
     for i, p in enumerate(prompts):  # stage 2: fidelity of the finalists (and SnapKV, for reference)
         row = work.get(2, i)
@@ -232,7 +239,7 @@ def calibrate(
             row = {"stage": 2, "prompt": i, "answer": p.answer, "max_new_tokens": ANSWER_TOKENS, "results": {}}
         missing = [m for m, spec in zip(methods, specs, strict=True) if spec not in row["results"]]
         if missing:
-            full, *results = llm.generate_many(p.text, ["fullkv", *missing], max_tokens=ANSWER_TOKENS, chat=True)
+            full, *results = llm.generate_many(p.text, ["fullkv", *missing], max_tokens=ANSWER_TOKENS)
             row["fullkv"] = full.text
             for r in results:
                 row["results"][r.method] = {

@@ -66,7 +66,7 @@ def bound(methods: list[Method], llm) -> dict[str, Method]:
     (`LLM.resolve`), as in `generate` and `serve`."""
     try:
         resolved = [format_spec(llm.resolve(m)[0]) for m in methods]
-        return {spec: parse(spec).bind(llm.adapter.num_layers) for spec in resolved}
+        return {spec: llm.adapter.bind(parse(spec)) for spec in resolved}
     except ValueError as e:
         fail(str(e))
 

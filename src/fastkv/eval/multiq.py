@@ -126,7 +126,7 @@ def per_question(llm, s: Session, method, new_tokens: int) -> list[str]:
 
 def answers(llm, s: Session, method, setup: str, new_tokens: int) -> list[str]:
     """The answer of every turn of a session under a method (a spec or a Method) in one setup."""
-    method = parse(method).bind(llm.adapter.num_layers)
+    method = llm.adapter.bind(parse(method))
     if setup == "per question":
         return per_question(llm, s, method, new_tokens)
     if setup == "compressed once":

@@ -17,7 +17,7 @@ with the same scorer (FastKV's TSP and its cache) share one computation.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -176,6 +176,24 @@ def check_layer(part: Part, name: str, num_layers: int) -> None:
         )
 
 
+def ranking_layer(part: Part, name: str, default: int, global_layers: Sequence[int] | None) -> int:
+    """The layer a part ranks the whole prompt at: its knob, else `default`; on a hybrid model a global layer,
+    the one nearest `default` (the earlier on a tie) when the knob is unset. A sliding-window layer's queries
+    were trained on nearby keys only: ranked there, distant facts are lost (gemma3-270m: the passkey at 4K
+    found 0/4 times by TSP at local layer 8, 4/4 at global layers 5 and 11), so it is refused."""
+    value = getattr(part, name)
+    if global_layers is None:
+        return default if value is None else value
+    if value is None:
+        return min(global_layers, key=lambda g: (abs(g - default), g))
+    if value not in global_layers:
+        raise ValueError(
+            f"{type(part).__name__}.{name}={value} is a sliding-window layer of this model, whose queries see only "
+            f"nearby tokens: rank the prompt at a layer that sees all of it, one of {list(global_layers)}"
+        )
+    return value
+
+
 def share_of(rate: float, length: int) -> int:
     # The epsilon keeps 0.1 * 4000 = 400.00000000000006 and 0.29 * 100 = 28.999999999999996 exact.
     return math.floor(rate * length + 1e-9)
@@ -201,9 +219,12 @@ class Part:
     def check(self) -> None:
         """Raise ValueError naming the field of a bad value. Reads fields only."""
 
-    def bind(self, num_layers: int) -> Part:
-        """This part with model-dependent and rate defaults resolved (fields that are None filled)."""
-        return replace(self, **{f.name: getattr(self, f.name).bind(num_layers) for f in fields(self) if is_sub(f)})
+    def bind(self, num_layers: int, global_layers: Sequence[int] | None = None) -> Part:
+        """This part with model-dependent and rate defaults resolved (fields that are None filled).
+        global_layers: on a hybrid model (some layers see only a sliding window), the layers that see every
+        token: where a part that ranks the whole prompt at one layer must do it (None: all of them)."""
+        subs = {f.name: getattr(self, f.name).bind(num_layers, global_layers) for f in fields(self) if is_sub(f)}
+        return replace(self, **subs)
 
     def knobs(self) -> dict[str, Any]:
         """Every knob, flattened over sub-parts; a sub-part appears as its registry name."""
@@ -400,8 +421,8 @@ class Budgeted(CachePolicy):
                 f"it always keeps ({self.kept_why()})"
             )
 
-    def bind(self, num_layers: int) -> Budgeted:
-        bound = super().bind(num_layers)
+    def bind(self, num_layers: int, global_layers: Sequence[int] | None = None) -> Budgeted:
+        bound = super().bind(num_layers, global_layers)
         if self.budget is None and self.retain_rate is None:
             return replace(bound, retain_rate=RETAIN_RATE)
         return bound

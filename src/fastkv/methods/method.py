@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import typing
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -39,9 +40,11 @@ class Method:
         """How this method is written, side by side, with the knobs set (None: built from parts by hand)."""
         return None
 
-    def bind(self, num_layers: int) -> Composed:
-        """The same method with every default resolved for a model of `num_layers` layers."""
-        bound = Composed(reducer=self.reducer.bind(num_layers), policy=self.policy.bind(num_layers), recipe=self.recipe)
+    def bind(self, num_layers: int, global_layers: Sequence[int] | None = None) -> Composed:
+        """The same method with every default resolved for a model of `num_layers` layers (global_layers: see
+        `Part.bind`; `Adapter.bind` passes a model's own)."""
+        reducer, policy = self.reducer.bind(num_layers, global_layers), self.policy.bind(num_layers, global_layers)
+        bound = Composed(reducer=reducer, policy=policy, recipe=self.recipe)
         bound.warn_if_budget_unreachable()
         return bound
 

@@ -123,7 +123,9 @@ class Scheduler:
         model or the memory cannot take."""
         check_prompt(self.adapter, len(ids), params.max_tokens)
         n, layers, heads = len(ids), self.adapter.num_layers, self.adapter.num_kv_heads
-        need = [method.policy.max_entries(n, i, layers, heads) + params.max_tokens for i in range(layers)]
+        # A layer with a sliding window holds at most its window, however long the prompt and the answer.
+        need = [self.adapter.need(i, method.policy.max_entries(n, i, layers, heads) + params.max_tokens)
+                for i in range(layers)]  # fmt: skip
         job = Job(ids, method, params, loop, need=need)
         alone = merged_bytes(None, need, self.entry_bytes)
         if alone > self.kv_limit:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,6 +22,7 @@ from ..base import (
     check_int,
     check_layer,
     knob,
+    ranking_layer,
     sized,
 )
 from ..scorers.last_query import LastQuery
@@ -56,9 +58,9 @@ class FilterRerun(Reducer):
         if self.budget is not None and self.budget < self.window_size:
             raise ValueError(f"FilterRerun.window_size ({self.window_size}) is larger than budget ({self.budget})")
 
-    def bind(self, num_layers: int) -> FilterRerun:
+    def bind(self, num_layers: int, global_layers: Sequence[int] | None = None) -> FilterRerun:
         check_layer(self, "filter_layer", num_layers)
-        layer = self.filter_layer if self.filter_layer is not None else min(num_layers - 1, round(13 * num_layers / 32))
+        layer = ranking_layer(self, "filter_layer", min(num_layers - 1, round(13 * num_layers / 32)), global_layers)
         rate = RETAIN_RATE if self.retain_rate is None and self.budget is None else self.retain_rate
         return replace(self, filter_layer=layer, retain_rate=rate)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...scoring import top_with_window
@@ -37,7 +38,7 @@ class LayerSchedule(ObservationWindow, Reducer):
         if self.window_size > self.min_len:
             raise ValueError(f"LayerSchedule.window_size ({self.window_size}) is larger than min_len ({self.min_len})")
 
-    def bind(self, num_layers: int) -> LayerSchedule:
+    def bind(self, num_layers: int, global_layers: Sequence[int] | None = None) -> LayerSchedule:
         check_layer(self, "start_layer", num_layers)
         return self
 

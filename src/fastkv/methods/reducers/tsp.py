@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ...scoring import top_with_window
@@ -15,6 +16,7 @@ from ..base import (
     check_int,
     check_layer,
     knob,
+    ranking_layer,
     sized,
 )
 from ..scorers.window import ObservationWindow
@@ -47,9 +49,9 @@ class TSP(ObservationWindow, Reducer):
         if self.tsp_len is not None and self.tsp_len < self.window_size:
             raise ValueError(f"TSP.window_size ({self.window_size}) is larger than tsp_len ({self.tsp_len})")
 
-    def bind(self, num_layers: int) -> TSP:
+    def bind(self, num_layers: int, global_layers: Sequence[int] | None = None) -> TSP:
         check_layer(self, "tsp_layer", num_layers)
-        layer = self.tsp_layer if self.tsp_layer is not None else max(0, num_layers // 2 - 1)
+        layer = ranking_layer(self, "tsp_layer", max(0, num_layers // 2 - 1), global_layers)
         rate = TSP_RATE if self.tsp_rate is None and self.tsp_len is None else self.tsp_rate
         return replace(self, tsp_layer=layer, tsp_rate=rate)
 
