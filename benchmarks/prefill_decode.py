@@ -148,11 +148,12 @@ def filled_cache(adapter, length: int, steps: int) -> KVCache:
     window: its window's worth, the last entries, in its ring)."""
     cache = KVCache(prompt_len=length, max_new_tokens=steps)
     options = {"dtype": adapter.dtype, "device": adapter.device}
-    for window in adapter.windows:
+    for window in getattr(adapter, "windows", [None] * adapter.num_layers):  # (earlier commits: no windows)
         kept = length if window is None else min(length, window - 1)
         shape = (1, adapter.num_kv_heads, kept, adapter.head_dim)
         positions = torch.arange(length - kept, length, device=adapter.device).expand(1, adapter.num_kv_heads, kept)
-        cache.store(torch.randn(shape, **options), torch.randn(shape, **options), positions, window=window)
+        ring = {} if window is None else {"window": window}  # (earlier commits' caches take no window: side_by_side)
+        cache.store(torch.randn(shape, **options), torch.randn(shape, **options), positions, **ring)
     return cache
 
 
@@ -207,12 +208,14 @@ def main() -> None:
     except ValueError as e:  # a device that is not there, int8 where it cannot run
         ap.error(str(e))
     adapter = adapter_for(model)
+    # The model's own binding (on a hybrid model TSP ranks at a global layer); earlier commits bind by layer count.
+    bind = getattr(adapter, "bind", lambda m: m.bind(adapter.num_layers))
     # FullKV first: the other ratios need it. Labels are the short names (variants numbered: fastkv#2);
     # the full specs are printed above the table.
     methods: dict = {}
     for method in [FullKV(), *(m for m in chosen if not m.same_parts(FullKV()))]:
         label = method.name if method.name not in methods else f"{method.name}#{len(methods)}"
-        methods[label] = method.bind(adapter.num_layers)
+        methods[label] = bind(method)
     # each method at each chunk size: fastkv/c2048 is FastKV's prefill over chunks of 2048 queries
     runs = {(f"{name}/c{chunk}" if chunk else name): (m, chunk) for chunk in chunks for name, m in methods.items()}
     vocab = model.config.vocab_size

@@ -86,10 +86,22 @@ CASES = {
 COMBINATIONS = combinations()
 
 
-@pytest.mark.parametrize("family", list(ALL_FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("reducer, policy", [c[1:] for c in COMBINATIONS], ids=[c[0] for c in COMBINATIONS])
 def test_every_combination_keeps_the_invariants(reducer, policy, family):
     check_invariants(compose(reducer, policy, COMPRESSING), family)
+
+
+OTHER_FAMILIES = [f for f in ALL_FAMILIES if f not in FAMILIES]
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_preset_keeps_the_invariants_on_every_family(name, family):
+    """Every preset through the same invariants on the other blocks (windowed, hybrid, MoE, fused, post-norm,
+    scaled): their layers, caches and a decode step against transformers' own (every combination of parts
+    runs on the dense families above)."""
+    check_invariants(CASES[name].compressing(), family)
 
 
 @pytest.mark.parametrize("reducer, policy", [c[1:] for c in COMBINATIONS], ids=[c[0] for c in COMBINATIONS])

@@ -144,8 +144,10 @@ class KVCache:
         return self.entry_bytes() * sum(self.lengths)
 
     def full_nbytes(self) -> int:
-        """Bytes that an uncompressed cache would hold for the same tokens."""
-        return self.entry_bytes() * len(self.keys) * (self.prompt_len + self.steps)
+        """Bytes that an uncompressed cache would hold for the same tokens (a windowed layer: its window)."""
+        tokens = self.prompt_len + self.steps
+        windows = self.windows or [None] * len(self.keys)
+        return self.entry_bytes() * sum(tokens if w is None else min(tokens, w) for w in windows)
 
 
 def _pad(t: torch.Tensor, length: int, value) -> torch.Tensor:
