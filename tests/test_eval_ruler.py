@@ -287,3 +287,13 @@ def test_eval_runs_the_models_profile_unless_told_not_to(tiny_dir, tmp_path, mon
     # An explicit --tsp-rate is the evaluation's choice: it beats the profile's.
     rated, _ = ran(tmp_path / "rated", "--tsp-rate", "0.25")
     assert all("tsp_rate=0.25" in m and "kernel_size=13" in m for m in rated[:2])
+
+
+def test_run_record_names_the_program_not_its_installed_path(monkeypatch):
+    from fastkv.eval.provenance import command_line
+
+    argv = ["/home/someone/repo/.venv/bin/fastkv", "eval", "ruler", "--methods", "fastkv(kernel_size=17, pooling=avg)"]
+    monkeypatch.setattr("sys.argv", argv)
+    line = command_line()
+    assert line == "fastkv eval ruler --methods 'fastkv(kernel_size=17, pooling=avg)'"
+    assert "/home/someone" not in line

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..chat import has_template
 from ..console import err, fail, load_llm, out
 from ..methods import Method, format_spec, parse, split_specs
 from ..profiles import PRESET
@@ -232,7 +233,7 @@ def ruler(
     limit: int | None = LIMIT,
     separate: bool = SEPARATE,
     time_prefill: bool = TIME_PREFILL,
-    chat: bool = typer.Option(True, help="apply the chat template"),
+    chat: bool = typer.Option(True, help="apply the chat template (where the model has one)"),
     dtype: str = EVAL_DTYPE,
     quantize: str = EVAL_QUANTIZE,
     device: str = DEVICE,
@@ -252,6 +253,8 @@ def ruler(
     count = min(samples, limit) if limit else samples
     built = build_methods(methods, retain_rate, tsp_rate)
     llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built, profile)
+    # A base model has no template: record what ran (no template), not what was asked for.
+    chat = chat and has_template(llm.tokenizer)
     out_path = out_dir or Path("runs") / "ruler"
     config = {
         "suite": "ruler",
@@ -292,7 +295,7 @@ def ruler_length(llm, model, target, chosen, count, seed, chat, dtype, runs, out
                     task,
                     index,
                     R.render(llm.tokenizer, sample.input, sample.answer_prefix, chat),
-                    not (chat and llm.tokenizer.chat_template),
+                    not chat,
                     sample.max_new_tokens,
                     sample.outputs,
                     lambda text, s=sample: R.score(s, text),

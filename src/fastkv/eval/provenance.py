@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -34,6 +35,12 @@ def machine() -> dict:
     }
 
 
+def command_line() -> str:
+    """This process's command as a user would type it: the program by its name, not its installed path
+    (which would put this machine's file system into a committed record)."""
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
 def update_record(out: Path, config: dict, started: float | None, new_command: bool) -> None:
     """Write run.json. A run records its command when it starts (so that a stopped run still says how it
     was made) and adds its duration when it ends; `started` None rebuilds it without adding time."""
@@ -42,7 +49,7 @@ def update_record(out: Path, config: dict, started: float | None, new_command: b
     commands = previous.get("commands", [])
     record = {
         # every invocation that added to this directory, in order (a resume with more methods adds one)
-        "commands": [*commands, " ".join(sys.argv)] if new_command or not commands else commands,
+        "commands": [*commands, command_line()] if new_command or not commands else commands,
         "config": config,
         "versions": versions(),
         "machine": machine(),
