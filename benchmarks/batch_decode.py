@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from fastkv import adapter_for, decode_step, prefill
+from fastkv import PrefillOptions, adapter_for, decode_step, prefill
 from fastkv.cache import merge
 from fastkv.methods import format_spec, parse, split_specs
 from fastkv.models import load
@@ -77,7 +77,7 @@ def main() -> None:
         ids = torch.randint(100, model.config.vocab_size - 100, (1, args.length), generator=g).to(adapter.device)
         for method in methods:
             bound = method.bind(adapter.num_layers)
-            cache, logits, _ = prefill(adapter, ids, bound, max_new_tokens=args.steps + 4)
+            cache, logits, _ = prefill(adapter, ids, bound, PrefillOptions(max_tokens=args.steps + 4))
             token = logits.argmax(-1)
             single = None
             for b in batches:

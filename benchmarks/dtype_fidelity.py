@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096", help="prompt lengths in tokens")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths, shares of the filler")
     ap.add_argument("--seeds", type=int, default=2, help="passkeys per length and depth")
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--precisions", default="float32,bfloat16,bfloat16+int8", help="the first is the reference")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
@@ -62,13 +62,13 @@ def main() -> None:
         for depth in args.depths.split(",")
         for seed in range(args.seeds)
     ]
-    print(f"# {args.model}, {len(prompts)} passkey prompts ({args.lengths} tokens), greedy, {args.max_new_tokens} new")
+    print(f"# {args.model}, {len(prompts)} passkey prompts ({args.lengths} tokens), greedy, {args.max_tokens} new")
     print(header())
     rows: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for n, needle in enumerate(prompts):
         for method in methods:
             got = {
-                p: llm.generate(needle.text, method, max_tokens=args.max_new_tokens, compile=compiled[p])
+                p: llm.generate(needle.text, method, max_tokens=args.max_tokens, compile=compiled[p])
                 for p, llm in llms.items()
             }
             ref = got[reference]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastkv.engine import frozen_compilation
+from fastkv.decode import frozen_compilation
 from fastkv.precision import header
 from fastkv.quantize import Int8Linear
 
@@ -104,7 +104,7 @@ def one_row_alternatives(linear: nn.Linear, q: Int8Linear, x: torch.Tensor) -> s
 
 def frozen_linear(q: Int8Linear):
     """q under torch.compile with its weights frozen and max-autotune (what `fastkv --compile` does for int8
-    weights on a CPU: `fastkv.engine.FROZEN`), compiled here on a first call (seconds per shape). Alone, each
+    weights on a CPU: `fastkv.decode.FROZEN`), compiled here on a first call (seconds per shape). Alone, each
     call also pays a compiled graph's entry (guards, wrapper), which a decode step pays once for all."""
     compiled = torch.compile(q)
 

@@ -70,7 +70,7 @@ with open(sys.argv[2], "a") as out:
                     logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
                 kept = cache.get_seq_length()
                 tokens, position = [], ids.shape[1]
-                for _ in range(s["max_new_tokens"]):
+                for _ in range(s["max_tokens"]):
                     token = int(logits.argmax(-1))
                     tokens.append(token)
                     if token in eos:
@@ -132,7 +132,7 @@ def main() -> None:
                 for s in batch:
                     if (name, s.task, s.index) in ours:
                         continue
-                    result = llm.generate(ids[(s.task, s.index)], spec, max_tokens=s.max_new_tokens)
+                    result = llm.generate(ids[(s.task, s.index)], spec, max_tokens=s.max_tokens)
                     row = {"run": name, "task": s.task, "index": s.index, "tokens": result.token_ids,
                            "kept": result.stats.kv_entries_per_layer[0], "seconds": result.stats.prefill_seconds,
                            "spec": result.stats.method}  # fmt: skip
@@ -141,7 +141,7 @@ def main() -> None:
                     out.flush()
         job = {"model_dir": model_dir, "threads": args.threads, "eos": eos, "runs": runs,
                "samples": [{"task": s.task, "index": s.index, "ids": ids[(s.task, s.index)],
-                            "max_new_tokens": s.max_new_tokens} for s in batch]}  # fmt: skip
+                            "max_tokens": s.max_tokens} for s in batch]}  # fmt: skip
         (args.out / "jobs.json").write_text(json.dumps(job))
         done = subprocess.run([str(args.kvpress_python), "-c", WORKER, str(args.out / "jobs.json"), str(answers)])
         if done.returncode != 0:

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from fastkv import KVCache, adapter_for, decode_step, prefill
+from fastkv import KVCache, PrefillOptions, adapter_for, decode_step, prefill
 from fastkv.methods import FullKV, format_spec, parse, split_specs
 from fastkv.models import load
 from fastkv.precision import header
@@ -132,7 +132,7 @@ def bench_transformers(model, ids: torch.Tensor, steps: int) -> tuple[float, flo
 
 def bench_engine(adapter, ids: torch.Tensor, method, steps: int, chunk: int | None = None) -> tuple[float, ...]:
     with PeakMemory(adapter.device) as peak:
-        (cache, logits, _), prefill_s = timed(lambda: prefill(adapter, ids, method, steps, chunk_size=chunk))
+        (cache, logits, _), prefill_s = timed(lambda: prefill(adapter, ids, method, PrefillOptions(steps, chunk)))
         token, times = logits.argmax(-1), []
         for step in range(steps):
             logits, t = timed(
@@ -146,7 +146,7 @@ def bench_engine(adapter, ids: torch.Tensor, method, steps: int, chunk: int | No
 def filled_cache(adapter, length: int, steps: int) -> KVCache:
     """A cache holding `length` random entries per layer, as if a prefill had kept them (a layer with a sliding
     window: its window's worth, the last entries, in its ring)."""
-    cache = KVCache(prompt_len=length, max_new_tokens=steps)
+    cache = KVCache(prompt_len=length, max_tokens=steps)
     options = {"dtype": adapter.dtype, "device": adapter.device}
     for window in getattr(adapter, "windows", [None] * adapter.num_layers):  # (earlier commits: no windows)
         kept = length if window is None else min(length, window - 1)

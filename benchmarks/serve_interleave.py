@@ -50,7 +50,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run(llm: LLM, args, chunk: int, budget: int, share: float) -> dict:
     server = ServerThread(llm, args.model, args.method, kv_mib=4096, prefix_cache_mib=0, max_batch=8,
-                          prefill_chunk=chunk or None, step_budget=budget, prefill_share=share)  # fmt: skip
+                          prefill_chunk=chunk or None, prefill_budget=budget, prefill_share=share)  # fmt: skip
     try:
         short = [document(llm.tokenizer, args.stream_tokens, 100 + i, 1)[0] + "\n\nSummarise."
                  for i in range(args.streams)]  # fmt: skip

@@ -46,7 +46,7 @@ def main() -> None:
     specs = ["fullkv", f"snapkv(retain_rate={r})", f"adakv(retain_rate={r})", f"pyramidkv(retain_rate={r})"]
     methods = [parse(s) for s in [*specs, f"gemfilter(retain_rate={r})", f"fastkv(retain_rate={r})"]]
     methods.append(calibrated if source != "paper" else parse(f"fastkv(retain_rate={r}, kernel_size=13)"))
-    options = {"max_tokens": sample.max_new_tokens}
+    options = {"max_tokens": sample.max_tokens}
     print(header())
     print(f"# {args.model} {args.dtype}, RULER {args.task}, {len(ids)} tokens")
     print(f"# calibrated fastkv: {source or 'none'}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Check the values of every selection the parts return, on any device (`fastkv.engine.DEBUG`).
+# Check the values of every selection the parts return, on any device (`fastkv.layer.DEBUG`).
 os.environ.setdefault("FASTKV_DEBUG", "1")
 
 import pytest  # noqa: E402

@@ -12,7 +12,7 @@ from dataclasses import fields
 
 import torch
 
-from fastkv import adapter_for, decode_step, prefill
+from fastkv import PrefillOptions, adapter_for, decode_step, prefill
 from fastkv.methods import Composed
 from fastkv.methods.base import PARTS, build, is_sub
 
@@ -82,7 +82,7 @@ def check_invariants(method: Composed, family: str) -> None:
     cache's bytes are what it holds, and decoding from it matches transformers' own decode step."""
     model = build_tiny(family)
     adapter = adapter_for(model)
-    cache, logits, trace = prefill(adapter, prompt_ids(L, seed=11), method, max_new_tokens=2)
+    cache, logits, trace = prefill(adapter, prompt_ids(L, seed=11), method, PrefillOptions(max_tokens=2))
     hkv = adapter.num_kv_heads
     present = list(range(trace.tokens_per_layer[0]))  # the final pass's prompt (GemFilter's: renumbered)
     assert trace.tokens_per_layer == sorted(trace.tokens_per_layer, reverse=True)

@@ -199,11 +199,11 @@ def hf_decode_logits(model, cache, token: int, position: int) -> torch.Tensor:
 def assert_same_as_fullkv(adapter, ids: torch.Tensor, method, steps: int) -> None:
     """`method` computes exactly what FullKV does: every token in every layer and cache, and bit-identical
     logits at prefill and over `steps` greedy decode steps."""
-    from fastkv import FullKV, decode_step, prefill
+    from fastkv import FullKV, PrefillOptions, decode_step, prefill
 
     n = ids.shape[1]
-    ref_cache, ref, _ = prefill(adapter, ids, FullKV(), max_new_tokens=steps)
-    cache, logits, trace = prefill(adapter, ids, method, max_new_tokens=steps)
+    ref_cache, ref, _ = prefill(adapter, ids, FullKV(), PrefillOptions(max_tokens=steps))
+    cache, logits, trace = prefill(adapter, ids, method, PrefillOptions(max_tokens=steps))
     assert trace.tokens_per_layer == [n] * adapter.num_layers and not trace.propagated
     assert getattr(trace, "filter", None) is None  # no filter ran
     assert cache.lengths == ref_cache.lengths  # every token (a layer with a sliding window: its window)

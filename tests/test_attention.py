@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastkv import FastKV, FullKV, adapter_for, engine, prefill
+from fastkv import FastKV, FullKV, adapter_for, layer, prefill
 
 from .conftest import build_tiny, prompt_ids
 
@@ -23,7 +23,7 @@ from .conftest import build_tiny, prompt_ids
     ],
 )
 def test_kernel_choice_per_device_and_dtype(device, dtype, repeat):
-    assert engine.repeat_kv(torch.device(device), dtype) is repeat
+    assert layer.repeat_kv(torch.device(device), dtype) is repeat
 
 
 @pytest.mark.parametrize("method", [FullKV(), FastKV(tsp_layer=1, tsp_len=40, budget=24)])
@@ -32,6 +32,6 @@ def test_both_paths_run_without_the_math_backend_and_agree(method, monkeypatch):
     ids = prompt_ids(96, seed=8)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # the math path is off: a fallback would raise
         _, gqa, _ = prefill(adapter, ids, method)
-        monkeypatch.setattr(engine, "repeat_kv", lambda device, dtype: True)
+        monkeypatch.setattr(layer, "repeat_kv", lambda device, dtype: True)
         _, repeated, _ = prefill(adapter, ids, method)
     torch.testing.assert_close(repeated, gqa, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fastkv import adapter_for, decode_step, generate, prefill
+from fastkv import PrefillOptions, adapter_for, decode_step, generate, prefill
 from fastkv.batch import DecodeBatch, Prefilled
 from fastkv.cache import keep_rows, merge
 from fastkv.generate import generate_batch
@@ -30,7 +30,7 @@ def prompts() -> list[list[int]]:
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_batched_decode_logits_follow_solo_runs(family, method):
     adapter = adapter_for(build_tiny(family))
-    solo = [prefill(adapter, torch.tensor([p]), method, max_new_tokens=4) for p in prompts()]
+    solo = [prefill(adapter, torch.tensor([p]), method, PrefillOptions(max_tokens=4)) for p in prompts()]
     batch = merge([cache for cache, _, _ in solo])
     tokens = torch.stack([logits[0].argmax() for _, logits, _ in solo])
     for step in range(4):
@@ -83,7 +83,7 @@ def test_a_sequence_joins_a_running_batch():
     runner = DecodeBatch(model, CharTokenizer())
     results = {}
     for key, prompt in enumerate(prompts()):
-        cache, logits, trace = prefill(adapter, torch.tensor([prompt]), method, max_new_tokens=10)
+        cache, logits, trace = prefill(adapter, torch.tensor([prompt]), method, PrefillOptions(max_tokens=10))
         assert runner.join(key, Prefilled(method, len(prompt), cache, logits, trace, 0.0), SamplingParams(10)) is None
         for _ in range(3):  # the earlier rows run ahead: the rows differ in steps taken
             results.update(runner.step())
@@ -96,7 +96,7 @@ def test_a_sequence_joins_a_running_batch():
 def test_keep_rows_drops_rows_and_their_memory():
     adapter = adapter_for(build_tiny("llama"))
     method = parse("snapkv(budget=24)")
-    solo = [prefill(adapter, torch.tensor([p]), method, max_new_tokens=3) for p in prompts()]
+    solo = [prefill(adapter, torch.tensor([p]), method, PrefillOptions(max_tokens=3)) for p in prompts()]
     batch = keep_rows(merge([c for c, _, _ in solo]), [2, 0])
     assert batch.keys[0].shape[0] == 2 and batch.position_base.tolist() == [96, 70]
     token = torch.tensor([solo[2][1][0].argmax(), solo[0][1][0].argmax()])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastkv import FullKV, SnapKV, adapter_for, decode_step, prefill
+from fastkv import FullKV, PrefillOptions, SnapKV, adapter_for, decode_step, prefill
 from fastkv.methods import parse
 
 from .conftest import build_tiny, prompt_ids
@@ -14,7 +14,7 @@ from .conftest import build_tiny, prompt_ids
 
 def test_decode_keeps_its_buffers_and_shapes():
     adapter = adapter_for(build_tiny("qwen2"))
-    cache, logits, _ = prefill(adapter, prompt_ids(80), SnapKV(budget=24), max_new_tokens=5)
+    cache, logits, _ = prefill(adapter, prompt_ids(80), SnapKV(budget=24), PrefillOptions(max_tokens=5))
 
     def buffers():
         layers = zip(cache.keys, cache.values, cache.attend, strict=True)
@@ -29,7 +29,7 @@ def test_decode_keeps_its_buffers_and_shapes():
             assert cache.attend[i].sum(-1).tolist() == [[24 + step + 1] * adapter.num_kv_heads]
             assert cache.slots[i].tolist() == [24 + step + 1]
     assert cache.lengths == [24 + 5] * adapter.num_layers
-    with pytest.raises(RuntimeError, match="the KV cache is full: it was sized for max_new_tokens=5"):
+    with pytest.raises(RuntimeError, match="the KV cache is full: it was sized for max_tokens=5"):
         decode_step(adapter, cache, logits.argmax(-1), cache.position_base + 5)
 
 
@@ -37,8 +37,8 @@ def test_a_batch_decodes_each_sequence_as_alone():
     # Two prompts in one batch, each at its own position: every row equals that sequence decoded alone.
     adapter = adapter_for(build_tiny("llama"))
     ids = torch.cat([prompt_ids(64, seed=3), prompt_ids(64, seed=4)])
-    cache, logits, _ = prefill(adapter, ids, FullKV(), max_new_tokens=3)
-    solo = [prefill(adapter, ids[b : b + 1], FullKV(), max_new_tokens=3) for b in range(2)]
+    cache, logits, _ = prefill(adapter, ids, FullKV(), PrefillOptions(max_tokens=3))
+    solo = [prefill(adapter, ids[b : b + 1], FullKV(), PrefillOptions(max_tokens=3)) for b in range(2)]
     shift = torch.tensor([0, 7])  # positions may differ per sequence (a ragged batch's do)
     for step in range(3):
         tokens = logits.argmax(-1)
@@ -52,8 +52,8 @@ def eager_and_compiled(adapter, ids: torch.Tensor, method, steps: int):
     """Two caches prefilled alike, then decoded greedily on the eager one's tokens, one step eagerly and one
     compiled: yields (eager logits, compiled logits, the eager cache, the compiled cache) per step."""
     n = ids.shape[1]
-    eager, logits, _ = prefill(adapter, ids, method, max_new_tokens=steps)
-    compiled, _, _ = prefill(adapter, ids, method, max_new_tokens=steps)
+    eager, logits, _ = prefill(adapter, ids, method, PrefillOptions(max_tokens=steps))
+    compiled, _, _ = prefill(adapter, ids, method, PrefillOptions(max_tokens=steps))
     for step in range(steps):
         token = logits.argmax(-1)
         logits = decode_step(adapter, eager, token, n + step)
@@ -72,7 +72,7 @@ def test_compiled_decode_equals_eager():
 def test_compiled_decode_freezes_each_models_own_int8_weights():
     # Compiled decoding on int8 weights freezes them into the graph. Two models of the same shapes must each
     # decode with their own: a graph reused with the first one's constants would match the first model.
-    from fastkv.engine import frozen_decode
+    from fastkv.decode import frozen_decode
     from fastkv.quantize import quantize_int8
 
     method, n, outputs = parse("snapkv(budget=24)"), 96, []

@@ -105,7 +105,7 @@ def test_longbench_prompts_from_files(tmp_path):
     (tmp_path / "narrativeqa.jsonl").write_text(__import__("json").dumps(row) + "\n")
     (example,) = longbench.load_task(tmp_path, "narrativeqa")
     assert "Story: Some story." in example.prompt and "Question: What is it?" in example.prompt
-    assert example.max_new_tokens == 128 and example.chat
+    assert example.max_tokens == 128 and example.chat
     assert longbench.score(example, "A dog.") == 1.0
 
 

@@ -44,7 +44,7 @@ def test_samples_are_reproducible_and_fit_the_length(tokenizer, task):
     assert json.dumps(a.to_dict()) == json.dumps(b.to_dict())  # byte-identical
     assert ruler.generate(task, tokenizer, 4096, seed=8, index=1).input != a.input
     prompt = ruler.render(tokenizer, a.input, a.answer_prefix, chat=True)
-    measured = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + a.max_new_tokens
+    measured = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + a.max_tokens
     assert measured == a.length
     assert 0.98 * 4096 <= a.length <= 4096
     assert a.outputs and all(isinstance(o, str) and o for o in a.outputs)

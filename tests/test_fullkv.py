@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastkv import FastKV, FullKV, adapter_for, decode_step, prefill
+from fastkv import FastKV, FullKV, PrefillOptions, adapter_for, decode_step, prefill
 
 from .conftest import build_tiny, prompt_ids
 
 
 def greedy(adapter, ids, method, steps):
-    cache, logits, _ = prefill(adapter, ids, method, max_new_tokens=steps)
+    cache, logits, _ = prefill(adapter, ids, method, PrefillOptions(max_tokens=steps))
     out = []
     for t in range(steps):
         token = logits.argmax(-1)
@@ -125,7 +125,9 @@ def test_windowed_layers_attend_by_original_position_after_tsp(family):
     model = build_tiny(family)
     adapter = adapter_for(model)
     ids = prompt_ids(96, seed=21)
-    cache, logits, trace = prefill(adapter, ids, FastKV(tsp_layer=1, tsp_len=40, budget=24), max_new_tokens=4)
+    cache, logits, trace = prefill(
+        adapter, ids, FastKV(tsp_layer=1, tsp_len=40, budget=24), PrefillOptions(max_tokens=4)
+    )
     assert trace.tokens_per_layer == [96, 96, 40, 40]
     ref = run_layers_with_drops_by_position(model, ids, trace.propagated)
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""`engine.layer_step`, the one function that runs a layer: over the tokens present, and over the later tokens
+"""`layer.layer_step`, the one function that runs a layer: over the tokens present, and over the later tokens
 of a prompt after the earlier ones' K/V (`past`), which must give those tokens exactly what the whole
 prompt gives them (causal attention: a token never sees what follows it)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastkv import adapter_for
+from fastkv import PrefillOptions, adapter_for
 from fastkv.engine import layer_step, open_layer
 
 from .conftest import build_tiny, prompt_ids
@@ -22,10 +22,12 @@ def test_later_tokens_after_the_earlier_ones_kv_equal_the_whole_prompt(family, c
     h, pos = adapter.embed(ids), torch.arange(n)[None]
     with torch.inference_mode():
         for i in range(adapter.num_layers):
-            ((whole, _),) = layer_step(adapter, i, h, pos, n, chunk_size=chunk)
+            ((whole, _),) = layer_step(adapter, i, h, pos, n, options=PrefillOptions(prefill_chunk=chunk))
             earlier = open_layer(adapter, i, h[:, :split], pos[:, :split], n)
             past = (earlier.k, earlier.v, earlier.positions)
-            ((later, later_pos),) = layer_step(adapter, i, h[:, split:], pos[:, split:], n, past=past, chunk_size=chunk)
+            ((later, later_pos),) = layer_step(
+                adapter, i, h[:, split:], pos[:, split:], n, past=past, options=PrefillOptions(prefill_chunk=chunk)
+            )
             assert torch.equal(later_pos, pos[:, split:])
             torch.testing.assert_close(later, whole[:, split:], rtol=1e-5, atol=1e-5)
             h = whole

@@ -16,6 +16,7 @@ from fastkv import (
     AdaKV,
     FastKV,
     GemFilter,
+    PrefillOptions,
     PyramidInfer,
     PyramidKV,
     SnapKV,
@@ -131,7 +132,7 @@ def test_cache_sizes_and_decode_positions(name, family):
     model = build_tiny(family)
     adapter = adapter_for(model)
     ids = prompt_ids(L, seed=11)
-    cache, logits, trace = prefill(adapter, ids, case.compressing(), max_new_tokens=2)
+    cache, logits, trace = prefill(adapter, ids, case.compressing(), PrefillOptions(max_tokens=2))
     assert trace.tokens_per_layer == case.tokens
     hkv = model.config.num_key_value_heads
     if name == "adakv":

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from fastkv import FastKV, FullKV, SnapKV, adapter_for, decode_step, prefill
+from fastkv import FastKV, FullKV, PrefillOptions, SnapKV, adapter_for, decode_step, prefill
 from fastkv.methods import format_spec
 from fastkv.methods import method as method_module
 
@@ -89,7 +89,7 @@ def test_decode_continues_from_original_length(dense_family, method):
     model = build_tiny(dense_family)
     adapter = adapter_for(model)
     ids = prompt_ids(L, seed=4)
-    cache, logits, _ = prefill(adapter, ids, method, max_new_tokens=3)
+    cache, logits, _ = prefill(adapter, ids, method, PrefillOptions(max_tokens=3))
     token = int(logits.argmax())
     ref = hf_decode_logits(model, cache, token, position=L)
     # A position taken from the compressed cache length would give other logits.
@@ -211,4 +211,4 @@ def test_tsp_layer_outside_the_model_raises():
 def test_prompt_longer_than_context_raises():
     adapter = adapter_for(build_tiny("llama", max_position_embeddings=64))
     with pytest.raises(ValueError, match="exceeds the model's context of 64"):
-        prefill(adapter, prompt_ids(60), FullKV(), max_new_tokens=8)
+        prefill(adapter, prompt_ids(60), FullKV(), PrefillOptions(max_tokens=8))

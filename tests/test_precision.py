@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastkv import LLM, FullKV, decode_step, precision, prefill
+from fastkv import LLM, FullKV, PrefillOptions, decode_step, precision, prefill
 from fastkv.cli import app
 from fastkv.precision import Machine, Timings, choose
 from fastkv.quantize import Int8Linear
@@ -123,7 +123,7 @@ def test_float32_on_int8_weights_stays_near_float32_and_agrees_greedily(tiny_dir
     tokens = ref.generate(ids[0].tolist(), "fullkv", max_tokens=steps, ignore_eos=True).token_ids
 
     def logits(llm):
-        cache, first, _ = prefill(llm.adapter, ids, FullKV(), max_new_tokens=steps)
+        cache, first, _ = prefill(llm.adapter, ids, FullKV(), PrefillOptions(max_tokens=steps))
         rows = [first[0]]
         for t in range(steps - 1):
             rows.append(decode_step(llm.adapter, cache, torch.tensor([tokens[t]]), ids.shape[1] + t)[0])

@@ -1,6 +1,6 @@
 """The server's pacing of a chunked prefill (`Scheduler._between_chunks`): a decode step of the running
 batch comes before the next chunk would take the prefill past `prefill_share` decode steps' time, or after
-`step_budget` tokens, whichever is first. A fake clock drives it."""
+`prefill_budget` tokens, whichever is first. A fake clock drives it."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def paced(monkeypatch, share: float, budget: int, step_s: float | None, rows: in
     clock = Clock()
     monkeypatch.setattr(S.time, "perf_counter", clock)
     s = S.Scheduler.__new__(S.Scheduler)  # the pacing state alone, no model
-    s.prefill_share, s.step_budget, s._step_seconds = share, budget, step_s
+    s.prefill_share, s.prefill_budget, s._step_seconds = share, budget, step_s
     s._since_step, s._spent, s._mark, s._chunks = 0, 0.0, 0.0, deque(maxlen=3)
     s._prefilling, s.cond, s.jobs, s.queue = None, threading.Condition(), {}, deque()
     steps = []

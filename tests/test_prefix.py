@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastkv import FastKV, FullKV, SnapKV, adapter_for, decode_step, prefill
+from fastkv import FastKV, FullKV, PrefillOptions, SnapKV, adapter_for, decode_step, prefill
 from fastkv.prefix import BLOCK, PrefixStore
 
 from .conftest import build_tiny, prompt_ids
@@ -22,10 +22,10 @@ def greedy(adapter, ids: list[int], method, store: PrefixStore | None = None):
     """(prefill logits, greedy tokens, reuse) of a prompt, from the store or fresh."""
     input_ids = torch.tensor([ids])
     if store is None:
-        cache, logits, _ = prefill(adapter, input_ids, method, STEPS)
+        cache, logits, _ = prefill(adapter, input_ids, method, PrefillOptions(STEPS))
         reuse = None
     else:
-        cache, logits, _, reuse = store.prefill(adapter, input_ids, method, STEPS)
+        cache, logits, _, reuse = store.prefill(adapter, input_ids, method, PrefillOptions(STEPS))
     first, tokens = logits, []
     for step in range(STEPS):
         tokens.append(int(logits.argmax()))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from fastkv import LLM, FullKV, adapter_for, decode_step, parse, prefill, quantize
+from fastkv import LLM, FullKV, PrefillOptions, adapter_for, decode_step, parse, prefill, quantize
 from fastkv.cli import app
 from fastkv.quantize import KERNEL_ROWS, Int8Linear, quantize_int8, resolve_quantize
 
@@ -106,7 +106,7 @@ def test_the_engine_on_int8_weights_follows_transformers_forward(family, dtype):
         forward = torch.cat(out.logits).float()  # [steps, V]: the logits each of its tokens was chosen from
         unquantized = plain(ids).logits[:, -1].float()
     adapter = adapter_for(model)
-    cache, logits, _ = prefill(adapter, ids, FullKV(), max_new_tokens=steps)
+    cache, logits, _ = prefill(adapter, ids, FullKV(), PrefillOptions(max_tokens=steps))
     ours = [logits[0]]
     for t in range(steps - 1):  # fed transformers' tokens, not ours
         ours.append(decode_step(adapter, cache, ref[:, 48 + t], 48 + t)[0])

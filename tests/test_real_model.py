@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastkv import LLM, FastKV, FullKV, SnapKV, passkey_prompt, prefill
+from fastkv import LLM, FastKV, FullKV, PrefillOptions, SnapKV, passkey_prompt, prefill
 from fastkv.cli import app
 from fastkv.models import MODELS, part_paths
 
@@ -151,7 +151,7 @@ def test_every_method_on_a_2k_passkey(llm):
     shares, correct = {}, set()
     for name in PRESETS:
         method = parse(name, defaults={"retain_rate": 0.1})
-        cache, logits, trace = prefill(llm.adapter, ids, method, max_new_tokens=8)
+        cache, logits, trace = prefill(llm.adapter, ids, method, PrefillOptions(max_tokens=8))
         tokens = []
         for step in range(8):
             tokens.append(int(logits.argmax()))

@@ -55,3 +55,30 @@ def test_the_passkey_at_4k_under_fullkv_and_fastkv(llm):
     for method in (FullKV(), FastKV()):
         result = llm.generate(needle.text, method, max_tokens=12)
         assert needle.is_correct(result.text), (method, result.text)
+
+
+def test_the_server_answers_the_openai_client(llm):
+    """`fastkv serve --model gemma3-270m`: a base model, so the openai client's completions (a chat is refused
+    with the endpoint to use), streamed and whole, with its calibrated FastKV; the 4K passkey comes back."""
+    openai = pytest.importorskip("openai")
+    from .test_serve import Live
+
+    needle = passkey_prompt(llm.tokenizer, 4096, depth=0.5, seed=3)
+    server = Live(llm, name="gemma3-270m", method="fastkv", kv_mib=256)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        whole = client.completions.create(model="gemma3-270m", prompt=needle.text, max_tokens=12, temperature=0)
+        assert needle.is_correct(whole.choices[0].text), whole.choices[0].text
+        stats = whole.model_extra["fastkv"]
+        assert stats["defaults"].startswith("profile gemma3-270m") and stats["method"].startswith("fastkv(")
+        pieces = [
+            c.choices[0].text
+            for c in client.completions.create(
+                model="gemma3-270m", prompt=needle.text, max_tokens=12, temperature=0, stream=True
+            )
+        ]
+        assert "".join(pieces) == whole.choices[0].text
+        with pytest.raises(openai.BadRequestError, match="no chat template: use /v1/completions"):
+            client.chat.completions.create(model="gemma3-270m", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        server.close()

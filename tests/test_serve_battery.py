@@ -36,7 +36,7 @@ def llm(tiny_dir):
 @pytest.fixture(scope="module")
 def server(llm):
     live = ServerThread(llm, "tiny", "snapkv(budget=64)", Connections(header_timeout=1.0, keep_alive=2.0),
-                        kv_mib=64, max_batch=2, max_queue=4, prefix_cache_mib=8, prefill_chunk=64, step_budget=128,
+                        kv_mib=64, max_batch=2, max_queue=4, prefix_cache_mib=8, prefill_chunk=64, prefill_budget=128,
                         limits=ServeLimits(max_body_bytes=BODY_LIMIT, max_prompt_tokens=700))  # fmt: skip
     yield live
     live.close()

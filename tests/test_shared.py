@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastkv import adapter_for, decode_step, prefill
+from fastkv import PrefillOptions, adapter_for, decode_step, prefill
 from fastkv.methods import format_spec, parse
 from fastkv.shared import prefill_many
 
@@ -26,9 +26,9 @@ SPECS = [
 def test_shared_prefill_equals_separate_runs(family):
     adapter = adapter_for(build_tiny(family))
     ids = prompt_ids(96, seed=21)
-    together = prefill_many(adapter, ids, SPECS, max_new_tokens=3)
+    together = prefill_many(adapter, ids, SPECS, PrefillOptions(max_tokens=3))
     for method, (cache, logits, trace) in zip(SPECS, together, strict=True):
-        ref_cache, ref_logits, ref_trace = prefill(adapter, ids, method, max_new_tokens=3)
+        ref_cache, ref_logits, ref_trace = prefill(adapter, ids, method, PrefillOptions(max_tokens=3))
         assert torch.equal(logits, ref_logits), format_spec(method)
         assert trace.tokens_per_layer == ref_trace.tokens_per_layer
         assert equal(trace.propagated, ref_trace.propagated)

@@ -134,6 +134,19 @@ def test_configs_are_frozen_and_validation_writes_nothing():
     assert FastKV(kernel_size=13) == FastKV(kernel_size=13) and hash(FastKV()) == hash(FastKV())
 
 
+def test_a_method_is_bound_once_per_model(monkeypatch):
+    """LLM.resolve, generate and prefill each bind the method they get: binding a bound one is free."""
+    calls = []
+    original = type(FastKV().reducer).bind
+    monkeypatch.setattr(type(FastKV().reducer), "bind", lambda self, *a: calls.append(a) or original(self, *a))
+    bound = FastKV().bind(24)
+    assert len(calls) == 1 and bound.bind(24) is bound and bound.bind(24, None) is bound
+    other = bound.bind(32)  # another model: bound again
+    assert len(calls) == 2 and other is not bound and other.bound_for == (32, None)
+    assert bound.bind(24, [5, 11, 17, 23]) is not bound  # a hybrid model of the same depth is another model
+    assert bound == FastKV().bind(24)  # bound_for takes no part in equality
+
+
 @dataclass(frozen=True, kw_only=True)
 class Returns(Reducer):
     """A reducer that returns a fixed (bad) selection at layer 1, for the engine's checks."""

@@ -2,8 +2,10 @@
 
 from .adapters import Adapter, adapter_for
 from .cache import KVCache
-from .engine import ContextLengthError, decode_step, prefill
+from .decode import decode_step
+from .engine import ContextLengthError, prefill
 from .generate import generate, generate_batch, generate_many, stream
+from .layer import PrefillOptions
 from .llm import LLM
 from .methods import (
     H2O,
@@ -46,6 +48,7 @@ __all__ = [
     "LLM",
     "Method",
     "ModelNotInstalledError",
+    "PrefillOptions",
     "PrefillTrace",
     "PyramidInfer",
     "PyramidKV",

@@ -20,7 +20,9 @@ import torch
 
 from .adapters import Adapter, adapter_for
 from .cache import KVCache, keep_rows, merge
-from .engine import decode_step, frozen_decode, prefill
+from .decode import decode_step, frozen_decode
+from .engine import prefill
+from .layer import PrefillOptions
 from .methods import Method, format_spec
 from .methods.base import PrefillTrace
 from .prefix import PrefixStore
@@ -53,25 +55,21 @@ def prefill_prompt(
     adapter: Adapter,
     ids: list[int],
     method: Method,
-    max_new_tokens: int,
-    chunk_size: int | None = None,
-    on_layer=None,
+    options: PrefillOptions,
+    *,
     prefix_cache: PrefixStore | None = None,
-    on_chunk=None,
 ) -> Prefilled:
     """Prefill one prompt's token ids under a bound method, timed: what decoding starts from. With a prefix
     store, from the longest stored prefix of the prompt, and what it computes is kept for later prompts.
-    on_chunk: see `engine.prefill` (the server decodes its running batch between chunks)."""
+    options: `engine.prefill`'s (with on_chunk, the server decodes its running batch between chunks)."""
     start = clock(adapter.device)
     input_ids = torch.tensor([list(ids)], device=adapter.device)
     reused = 0
     if prefix_cache is not None:
-        cache, logits, trace, reuse = prefix_cache.prefill(adapter, input_ids, method, max_new_tokens, chunk_size,
-                                                           on_layer, on_chunk)  # fmt: skip
+        cache, logits, trace, reuse = prefix_cache.prefill(adapter, input_ids, method, options)
         reused = reuse.tokens
     else:
-        cache, logits, trace = prefill(adapter, input_ids, method, max_new_tokens, on_layer, chunk_size,
-                                       on_chunk=on_chunk)  # fmt: skip
+        cache, logits, trace = prefill(adapter, input_ids, method, options)
     return Prefilled(method, len(ids), cache, logits, trace, clock(adapter.device) - start, reused=reused)
 
 
@@ -142,7 +140,7 @@ class DecodeBatch:
         if cache.keys[0].shape[0] != 1:
             raise ValueError(f"a sequence joins alone: its cache holds {cache.keys[0].shape[0]} rows")
         if cache.room < params.max_tokens - 1:
-            raise ValueError(f"the cache has room for {cache.max_new_tokens} new tokens, not {params.max_tokens}")
+            raise ValueError(f"the cache has room for {cache.max_tokens} new tokens, not {params.max_tokens}")
         row = Row(
             key,
             replace(prefilled, cache=None),

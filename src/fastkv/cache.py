@@ -1,6 +1,6 @@
 """A preallocated, fixed-shape KV cache in which every layer holds its own number of entries.
 
-Layer i owns K and V buffers [B, Hkv, capacity_i, d] with capacity_i = kept_i + max_new_tokens.
+Layer i owns K and V buffers [B, Hkv, capacity_i, d] with capacity_i = kept_i + max_tokens.
 Prefill writes the kept entries once. Each decode step writes one entry per sequence at its slot
 (`slots[i]`, a tensor [B]) in place and attends over the whole buffer under `attend[i]` [B, Hkv,
 capacity_i], the mask of entries that are real and written. So decoding never reallocates or
@@ -37,7 +37,7 @@ def entry_bytes(kv_heads: int, head_dim: int, element_size: int, rows: int = 1) 
 @dataclass
 class KVCache:
     prompt_len: int
-    max_new_tokens: int
+    max_tokens: int
     # Position of the first decoded token: after the last position prefill wrote (default prompt_len;
     # a reducer that reruns the model on a renumbered, shorter prompt makes it smaller). A ragged batch's
     # cache (`fastkv.batch.merge`) holds one per row, [B].
@@ -74,7 +74,7 @@ class KVCache:
         for padded layers, which of them are real [B, Hkv, kept]. window: the layer's sliding window, whose
         ring holds at most `window` entries (kept must be fewer)."""
         b, h, kept, d = k.shape
-        capacity = kept + self.max_new_tokens if window is None else min(kept + self.max_new_tokens, window)
+        capacity = kept + self.max_tokens if window is None else min(kept + self.max_tokens, window)
         if capacity < kept:
             raise ValueError(f"a layer with a window of {window} cannot keep {kept} entries")
         # Zeros, not garbage, in the slots not written yet: a masked score is -inf, but 0 * NaN is NaN.
@@ -99,13 +99,13 @@ class KVCache:
             self.entry_pos.append(where)
 
     def check_room(self) -> None:
-        if self.steps >= self.max_new_tokens:
-            raise RuntimeError(f"the KV cache is full: it was sized for max_new_tokens={self.max_new_tokens}")
+        if self.steps >= self.max_tokens:
+            raise RuntimeError(f"the KV cache is full: it was sized for max_tokens={self.max_tokens}")
 
     @property
     def room(self) -> int:
         """Decode steps it still has room for."""
-        return self.max_new_tokens - self.steps
+        return self.max_tokens - self.steps
 
     def capacity(self, layer: int) -> int:
         """Entries `layer` must be able to hold for its furthest row: the next slot plus the steps left; for a
@@ -165,7 +165,7 @@ def merge(caches: Sequence[KVCache]) -> KVCache:
         raise ValueError("nothing to merge")
     out = KVCache(
         prompt_len=max(c.prompt_len for c in caches),
-        max_new_tokens=max(c.room for c in caches),
+        max_tokens=max(c.room for c in caches),
         position_base=torch.cat([_next_positions(c) for c in caches]),
     )
     for i in range(len(caches[0].keys)):
@@ -214,7 +214,7 @@ def keep_rows(cache: KVCache, rows: Sequence[int]) -> KVCache:
         cache,
         position_base=_next_positions(cache).index_select(0, idx),
         steps=0,
-        max_new_tokens=cache.room,
+        max_tokens=cache.room,
         keys=take(cache.keys),
         values=take(cache.values),
         attend=take(cache.attend),

@@ -13,6 +13,7 @@ import torch
 from .adapters import adapter_for
 from .batch import DecodeBatch, Prefilled, clock, decode_alone, prefill_prompt, raised
 from .chat import encode_prompt, is_conversation
+from .layer import PrefillOptions
 from .methods import FastKV, Method, parse
 from .prefix import PrefixStore
 from .results import GenerationResult
@@ -49,7 +50,8 @@ def stream(
     adapter = adapter_for(model)
     method = adapter.bind(parse(method if method is not None else FastKV()))
     ids = encode_prompt(tokenizer, prompt, chat)
-    prefilled = prefill_prompt(adapter, ids, method, params.max_tokens, prefill_chunk, on_layer, prefix_cache)
+    options = PrefillOptions(params.max_tokens, prefill_chunk, on_layer)
+    prefilled = prefill_prompt(adapter, ids, method, options, prefix_cache=prefix_cache)
     return (yield from decode_alone(model, tokenizer, prefilled, params, compile))
 
 
@@ -98,7 +100,7 @@ def generate_many(
     ids = encode_prompt(tokenizer, prompt, chat)
     start = clock(adapter.device)
     input_ids = torch.tensor([ids], device=adapter.device)
-    prefilled = prefill_many(adapter, input_ids, bound, params.max_tokens, prefill_chunk)
+    prefilled = prefill_many(adapter, input_ids, bound, PrefillOptions(params.max_tokens, prefill_chunk))
     seconds = clock(adapter.device) - start
     results = []
     for method, (cache, logits, trace) in zip(bound, prefilled, strict=True):
@@ -140,7 +142,8 @@ def generate_batch(
             on_result(index, result)
 
     for index, ids in enumerate(encoded):
-        prefilled = prefill_prompt(adapter, ids, method, params.max_tokens, prefill_chunk, None, prefix_cache)
+        options = PrefillOptions(params.max_tokens, prefill_chunk)
+        prefilled = prefill_prompt(adapter, ids, method, options, prefix_cache=prefix_cache)
         done = batch.join(index, prefilled, params)
         if done is not None:
             finished(index, done)

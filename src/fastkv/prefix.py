@@ -37,6 +37,7 @@ import torch
 from .adapters import Adapter
 from .cache import KVCache
 from .engine import Prefix, Recording, prefill
+from .layer import WHOLE, PrefillOptions
 from .methods import Method
 from .methods.base import NotReusable, PrefillTrace
 
@@ -175,10 +176,7 @@ class PrefixStore:
         adapter: Adapter,
         input_ids: torch.Tensor,
         method: Method,
-        max_new_tokens: int = 0,
-        chunk_size: int | None = None,
-        on_layer=None,
-        on_chunk=None,
+        options: PrefillOptions = WHOLE,
     ) -> tuple[KVCache, torch.Tensor, PrefillTrace, Reuse]:
         """`engine.prefill` of one prompt [1, n], starting from the longest stored prefix when there is one
         (short of the method's observation window, whose queries the follow-up computes), and keeping what it
@@ -192,16 +190,15 @@ class PrefixStore:
                 continue
             started, record = True, self.recording()
             try:
-                cache, logits, trace = prefill(adapter, input_ids, method, max_new_tokens, on_layer, chunk_size,
-                                               entry.prefix(length), record, on_chunk)  # fmt: skip
+                cache, logits, trace = prefill(adapter, input_ids, method, options, prefix=entry.prefix(length),
+                                               record=record)  # fmt: skip
                 reuse = Reuse(length)
                 break
             except NotReusable as why:
                 reuse.fresh_because = str(why)
         if not reuse.tokens:
             record = self.recording()
-            cache, logits, trace = prefill(adapter, input_ids, method, max_new_tokens, on_layer, chunk_size, None,
-                                           record, on_chunk)  # fmt: skip
+            cache, logits, trace = prefill(adapter, input_ids, method, options, record=record)
         with self.lock:
             self.stats.hits += reuse.tokens > 0
             self.stats.misses += not started

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 
 from .adapters import Adapter
-from .engine import decode_step, layer_step, prefill
+from .decode import decode_step
+from .engine import prefill
+from .layer import PrefillOptions, layer_step
 from .methods import FullKV
 
 TOKENS = 16
@@ -50,7 +52,7 @@ def check_against_model(adapter: Adapter, name: str = "the model") -> float:
     n = ids.shape[1]
     theirs = model(ids, output_hidden_states=True, logits_to_keep=2)  # the output layer on two positions only
     ref = theirs.logits[:, -2:].float()
-    cache, first, _ = prefill(adapter, ids[:, :-1], FullKV(), max_new_tokens=1)
+    cache, first, _ = prefill(adapter, ids[:, :-1], FullKV(), PrefillOptions(max_tokens=1))
     last = decode_step(adapter, cache, ids[0, -1:], n - 1)
     worst = max(relative(first, ref[:, 0]), relative(last, ref[:, 1]))
     bound = tolerance(adapter)

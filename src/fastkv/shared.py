@@ -13,13 +13,14 @@ Multi-pass reducers (a filter-and-rerun) run on their own through `prefill`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .adapters import Adapter
 from .cache import KVCache
-from .engine import check_chunk, check_prompt, chosen_tokens, layer_step, logits_of, prefill, store
+from .engine import check_options, check_prompt, decide_layer, prefill
+from .layer import WHOLE, PrefillOptions, layer_step, logits_of
 from .methods import LayerState, Method, Reducer
 from .methods.base import PrefillTrace
 
@@ -40,20 +41,19 @@ def prefill_many(
     adapter: Adapter,
     input_ids: torch.Tensor,
     methods: list[Method],
-    max_new_tokens: int = 0,
-    chunk_size: int | None = None,
+    options: PrefillOptions = WHOLE,
 ) -> list[tuple[KVCache, torch.Tensor, PrefillTrace]]:
-    """Exactly `[prefill(adapter, input_ids, m, max_new_tokens, chunk_size=...) for m in methods]`, computed
-    once where shared."""
+    """Exactly `[prefill(adapter, input_ids, m, options) for m in methods]`, computed once where shared
+    (options.on_layer is called once per layer of the shared work, not by multi-pass methods' own)."""
     b, n = input_ids.shape
-    check_prompt(adapter, n, max_new_tokens)
-    check_chunk(chunk_size)
+    check_options(options)
+    check_prompt(adapter, n, options.max_tokens)
     bound = [adapter.bind(m) for m in methods]
     results: list = [None] * len(bound)
     shared = [i for i, m in enumerate(bound) if single_pass(m.reducer)]
     for i in set(range(len(bound))) - set(shared):
-        results[i] = prefill(adapter, input_ids, bound[i], max_new_tokens, chunk_size=chunk_size)
-    caches = {i: KVCache(prompt_len=n, max_new_tokens=max_new_tokens, position_base=n) for i in shared}
+        results[i] = prefill(adapter, input_ids, bound[i], replace(options, on_layer=None))
+    caches = {i: KVCache(prompt_len=n, max_tokens=options.max_tokens, position_base=n) for i in shared}
     traces = {i: PrefillTrace(prompt_len=n) for i in shared}
     last = adapter.num_layers - 1
 
@@ -66,21 +66,19 @@ def prefill_many(
             def decide(state: LayerState, br=br, groups=groups, li=li) -> list[torch.Tensor | None]:
                 """Every member caches its own entries; members whose reducers agree continue as one branch."""
                 for i in br.members:
-                    traces[i].tokens_per_layer.append(br.h.shape[1])
-                    selected = chosen_tokens(bound[i].reducer, state) if li < last else None
+                    selected = decide_layer(adapter, state, bound[i].reducer, bound[i].policy, caches[i], traces[i])
                     same = [g for g in groups if _equal(g[0], selected)]
                     if same:
                         same[0][1].append(i)
                     else:
                         groups.append((selected, [i]))
-                    if selected is not None:
-                        traces[i].propagated[li] = state.positions.gather(1, selected)
-                    store(caches[i], state, bound[i].policy, adapter.windows[li])
                 return [selected for selected, _ in groups]
 
-            steps = layer_step(adapter, li, br.h, br.pos, n, decide, chunk_size, last=li == last)
+            steps = layer_step(adapter, li, br.h, br.pos, n, decide, options=options, last=li == last)
             split += [Branch(h, pos, members) for (h, pos), (_, members) in zip(steps, groups, strict=True)]
         branches = split
+        if options.on_layer is not None:
+            options.on_layer(li)
     for br in branches:
         logits = logits_of(adapter, br.h)
         for i in br.members:

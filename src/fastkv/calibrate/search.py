@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from ..chat import encode_rendered, has_template, render_chat
-from ..engine import layer_step, prefill
+from ..engine import prefill
 from ..eval.metrics import first_token_kl
+from ..layer import layer_step
 from ..methods import Composed, FastKV, LayerState, Reducer, Selection, SnapKV, format_spec
 from ..methods.base import MIN_TSP_LEN, sized
 from ..methods.registry import TSP, KeepAll, TopK, WindowAttention

@@ -14,6 +14,7 @@ from ..chat import encode_prompt
 from ..console import err, fail, load_llm, out
 from ..eval.timing import DecodeTiming, time_decode
 from ..generate import drain
+from ..layer import PrefillOptions
 from ..methods import FastKV, FullKV, Method, SnapKV, short_spec
 from ..models import DEFAULT_MODEL, DTYPE_HELP
 from ..needle import passkey_prompt
@@ -36,16 +37,17 @@ class Answered:
     source: str  # where FastKV's defaults came from ("" for other methods)
 
 
-def run_demo_method(llm, method: Method, prompt: str, max_new_tokens: int) -> Answered:
+def run_demo_method(llm, method: Method, prompt: str, max_tokens: int) -> Answered:
     """The method's answer (as `llm.generate` gives it) and its decode speed, timed on a copy of the cache the
     prefill made: WARMUP + DECODE_STEPS steps, whatever the answer's length."""
     chosen, source = llm.resolve(method)
     ids = encode_prompt(llm.tokenizer, prompt)
     progress, on_layer = prefill_progress(llm.adapter.num_layers, f"{method.name:>7}: prefill")
     with progress:
-        prefilled = prefill_prompt(llm.adapter, ids, chosen, max(max_new_tokens, WARMUP + DECODE_STEPS), None, on_layer)
+        options = PrefillOptions(max(max_tokens, WARMUP + DECODE_STEPS), on_layer=on_layer)
+        prefilled = prefill_prompt(llm.adapter, ids, chosen, options)
     spare = keep_rows(prefilled.cache, [0])  # a copy, so that timing does not use the answer's room
-    result = drain(decode_alone(llm.model, llm.tokenizer, prefilled, SamplingParams(max_tokens=max_new_tokens)))
+    result = drain(decode_alone(llm.model, llm.tokenizer, prefilled, SamplingParams(max_tokens=max_tokens)))
     result.stats.defaults = source
     return Answered(result, time_decode(llm.adapter, spare, DECODE_STEPS, WARMUP), source)
 
@@ -54,15 +56,15 @@ def demo(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     tokens: int = typer.Option(4096, help="prompt length in tokens"),
     depth: float = typer.Option(0.5, help="needle depth in the haystack, 0 (start) to 1 (end)"),
-    max_new_tokens: int = typer.Option(16, "--max-new-tokens", "-n"),
+    max_tokens: int = typer.Option(16, "--max-tokens", "-n", help="new tokens at most"),
     seed: int = typer.Option(0, help="chooses the passkey"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     quantize: str = typer.Option("auto", help=QUANTIZE_HELP),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Needle in a haystack: FullKV, SnapKV and FastKV on one long prompt, side by side."""
-    if max_new_tokens < 1:
-        fail(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if max_tokens < 1:
+        fail(f"--max-tokens must be >= 1, got {max_tokens}")
     llm = load_llm(model, dtype, device, quantize)
     try:
         needle = passkey_prompt(llm.tokenizer, tokens, depth=depth, seed=seed)
@@ -73,7 +75,7 @@ def demo(
     answered = []
     for method in runs:
         try:
-            answered.append(run_demo_method(llm, method, needle.text, max_new_tokens))
+            answered.append(run_demo_method(llm, method, needle.text, max_tokens))
         except ValueError as e:
             fail(str(e))
     show(llm, model, needle, runs, answered)

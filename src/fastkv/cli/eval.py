@@ -296,7 +296,7 @@ def ruler_length(llm, model, target, chosen, count, seed, chat, dtype, runs, out
                     index,
                     R.render(llm.tokenizer, sample.input, sample.answer_prefix, chat),
                     not chat,
-                    sample.max_new_tokens,
+                    sample.max_tokens,
                     sample.outputs,
                     lambda text, s=sample: R.score(s, text),
                     {"length": sample.length},
@@ -404,11 +404,11 @@ def longbench(
     window = llm.adapter.max_positions
     items = []
     for ex in examples:
-        text = LB.truncate_middle(llm.tokenizer, ex.prompt, (max_length or window) - ex.max_new_tokens - 64)
+        text = LB.truncate_middle(llm.tokenizer, ex.prompt, (max_length or window) - ex.max_tokens - 64)
         chat = ex.chat and bool(llm.tokenizer.chat_template)
         prompt = render(llm.tokenizer, text, "", chat)
         items.append(
-            Item(ex.task, ex.index, prompt, not chat, ex.max_new_tokens, ex.answers, lambda p, e=ex: LB.score(e, p))
+            Item(ex.task, ex.index, prompt, not chat, ex.max_tokens, ex.answers, lambda p, e=ex: LB.score(e, p))
         )
     config = {
         "suite": "longbench",

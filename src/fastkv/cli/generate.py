@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..console import err, fail, load_llm
-from ..engine import check_chunk
+from ..layer import check_chunk
 from ..methods import parse, spec_name
 from ..models import DEFAULT_MODEL, DTYPE_HELP
 from ..quantize import QUANTIZE_HELP
@@ -23,7 +23,7 @@ def generate(
     method: str = typer.Option("fastkv", "--method", help=METHOD_HELP),
     prompt_file: Path | None = typer.Option(None, "--prompt-file", "-f", help="context file (default: stdin)"),
     question: str | None = typer.Option(None, "--question", "-q", help="appended after the context"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="new tokens at most"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0),
     seed: int | None = typer.Option(None),
@@ -54,9 +54,9 @@ def generate(
     try:
         parse(method, knobs=knobs)  # fail fast, before loading the model
         check_chunk(prefill_chunk)
-        sampling = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop))
+        sampling = SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop))
     except ValueError as e:
-        fail(str(e).replace("chunk_size", "--prefill-chunk").replace("max_tokens", "--max-new-tokens"))
+        fail(str(e).replace("prefill_chunk", "--prefill-chunk").replace("max_tokens", "--max-tokens"))
     if batch is not None:
         if prompt_file is not None or question is not None:
             fail("--batch takes its prompts from the file: leave out --prompt-file and --question")

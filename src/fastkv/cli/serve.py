@@ -108,7 +108,7 @@ def serve(
 
         options = ReplicaOptions(model, method, dtype, device, kv_mib, max_batch, max_queue, compile, quantize=quantize,
                                  prefix_cache_mib=prefix_cache_mib, limits=limits, prefill_chunk=chunk,
-                                 step_budget=prefill_budget, prefill_share=prefill_share)  # fmt: skip
+                                 prefill_budget=prefill_budget, prefill_share=prefill_share)  # fmt: skip
         scaling = Scaling(replicas, min_replicas, max_replicas, target_ongoing, replica_cpus, replica_gpus)
         serve_on_ray(options, scaling, host, port, ray_address)
         return
@@ -118,7 +118,7 @@ def serve(
     try:
         application = create_app(llm, model, method, kv_mib, max_batch, max_queue, compile=compile,
                                  prefix_cache_mib=prefix_cache_mib, limits=limits, shutdown_timeout=shutdown_timeout,
-                                 prefill_chunk=chunk, step_budget=prefill_budget,
+                                 prefill_chunk=chunk, prefill_budget=prefill_budget,
                                  prefill_share=prefill_share)  # fmt: skip
     except ValueError as e:
         fail(f"--method: {e}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import metrics
 
-# task: (metric, max_new_tokens, prompt); the English tasks of LongBench v1.
+# task: (metric, max_tokens, prompt); the English tasks of LongBench v1.
 _QA_PASSAGES = (
     "Answer the question based on the given passages. Only give me the answer and do not output any other "
     "words.\n\nThe following are given passages.\n{context}\n\nAnswer the question based on the given "
@@ -119,7 +119,7 @@ class Example:
     prompt: str  # before truncation and chat template
     answers: list[str]
     all_classes: list[str]
-    max_new_tokens: int
+    max_tokens: int
     chat: bool
 
 
@@ -143,7 +143,7 @@ def load_task(directory: str | Path, task: str) -> list[Example]:
                     prompt=template.format(context=row["context"], input=row.get("input", "")),
                     answers=list(row["answers"]),
                     all_classes=list(row.get("all_classes") or []),
-                    max_new_tokens=new_tokens,
+                    max_tokens=new_tokens,
                     chat=task not in NO_CHAT,
                 )
             )

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from ..chat import encode_prompt
-from ..engine import decode_step, prefill
+from ..decode import decode_step
+from ..engine import prefill
+from ..layer import PrefillOptions
 from ..methods import parse
 from ..sampling import eos_ids
 from .ruler import essay_sentences
@@ -93,7 +95,9 @@ def appended(llm, s: Session, method, base: int, new_tokens: int) -> list[str]:
     answer's tokens leave the cache again before the next turn (it continues with the fixed reply)."""
     adapter, last, eos = llm.adapter, s.turns[-1], eos_ids(llm.model, llm.tokenizer)
     room = len(last) - base + len(s.turns) * new_tokens
-    cache, logits, _ = prefill(adapter, torch.tensor([last[:base]], device=adapter.device), method, room)
+    cache, logits, _ = prefill(
+        adapter, torch.tensor([last[:base]], device=adapter.device), method, PrefillOptions(room)
+    )
     fed, answers = base, []
     for turn in s.turns:
         for position in range(fed, len(turn)):

@@ -76,9 +76,9 @@ class Sample:
     input: str  # the task text, for the user turn
     answer_prefix: str  # starts the answer (after the chat template's assistant header)
     outputs: list[str]  # references
-    max_new_tokens: int
+    max_tokens: int
     metric: str  # "string_match_all" or "string_match_part"
-    length: int = 0  # formatted prompt tokens + max_new_tokens
+    length: int = 0  # formatted prompt tokens + max_tokens
     # niah: each needle, its intended depth (0..1), and the haystack units (sentences or lines) before it
     needles: list[dict] = field(default_factory=list)
 

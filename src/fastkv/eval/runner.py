@@ -38,7 +38,7 @@ class Item:
     index: int
     prompt: str
     special_tokens: bool  # add the tokenizer's special tokens when encoding (False after a chat template)
-    max_new_tokens: int
+    max_tokens: int
     references: list[str]
     scorer: Callable[[str], float]
     meta: dict = field(default_factory=dict)
@@ -142,7 +142,7 @@ def run(
         ]
         if pending:
             ids = llm.tokenizer(item.prompt, add_special_tokens=item.special_tokens)["input_ids"]
-            options = {"max_tokens": item.max_new_tokens, "seed": seed}
+            options = {"max_tokens": item.max_tokens, "seed": seed}
             jobs.append(Job(item, ids, pending, [methods[spec] for spec in pending], options, logits_path))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from ..cache import KVCache
-from ..engine import decode_step, prefill
+from ..decode import decode_step
+from ..engine import prefill
 from ..methods import Method
 
 FILE = "timings.json"

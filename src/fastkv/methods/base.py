@@ -55,7 +55,7 @@ class Selection:
         tokens present at that layer (0..n-1).
     valid: None, or [B, Hkv, k] marking the real entries when heads keep different counts and the
         shorter ones are padded (AdaKV). The engine checks range, uniqueness and, for token selections,
-        order (see `engine.checked`).
+        order (see `layer.checked`).
     """
 
     indices: torch.Tensor

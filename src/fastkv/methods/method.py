@@ -42,9 +42,13 @@ class Method:
 
     def bind(self, num_layers: int, global_layers: Sequence[int] | None = None) -> Composed:
         """The same method with every default resolved for a model of `num_layers` layers (global_layers: see
-        `Part.bind`; `Adapter.bind` passes a model's own)."""
+        `Part.bind`; `Adapter.bind` passes a model's own). A method already bound for this model is returned
+        as it is: a request binds its method once, however many layers (LLM, generate, prefill) ask."""
+        model = (num_layers, None if global_layers is None else tuple(global_layers))
+        if isinstance(self, Composed) and self.bound_for == model:
+            return self
         reducer, policy = self.reducer.bind(num_layers, global_layers), self.policy.bind(num_layers, global_layers)
-        bound = Composed(reducer=reducer, policy=policy, recipe=self.recipe)
+        bound = Composed(reducer=reducer, policy=policy, recipe=self.recipe, bound_for=model)
         bound.warn_if_budget_unreachable()
         return bound
 
@@ -71,6 +75,8 @@ class Composed(Method):
     reducer: Reducer
     policy: CachePolicy
     recipe: Recipe | None = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+    # (layers, global layers) of the model it was bound for, or None: not bound (`Method.bind`).
+    bound_for: tuple[int, tuple[int, ...] | None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         need, tail = self.policy.observed_window(), self.reducer.tail()

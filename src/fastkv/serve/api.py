@@ -458,22 +458,22 @@ def create_app(llm, name: str, method: str, kv_mib: float, max_batch: int = 16, 
                metrics_body: Callable[[], Awaitable[bytes]] | None = None,
                prefix_cache_mib: float | None = None, limits: ServeLimits | None = None,
                shutdown_timeout: float = 30.0, prefill_chunk: int | None = 256,
-               step_budget: int = 8192, prefill_share: float = 1.0) -> FastAPI:  # fmt: skip
+               prefill_budget: int = 8192, prefill_share: float = 1.0) -> FastAPI:  # fmt: skip
     """The app serving `llm` as model `name`, with `method` as the default spec.
 
     replica: this server's name among replicas (Ray Serve), shown by /health; metrics_body: what /metrics
     answers instead of this server's own registry (Ray Serve: every replica's, labelled by replica).
     prefix_cache_mib: the prefix store's bound (0: none; None: the llm's own store, if it has one).
     shutdown_timeout: at shutdown, running requests get this long to finish; the rest end with an error.
-    prefill_chunk, step_budget, prefill_share: prefills go this many tokens at a time, with a decode step of
-    the running batch after every step_budget tokens of prefill work or prefill_share decode steps' time of
+    prefill_chunk, prefill_budget, prefill_share: prefills go this many tokens at a time, with a decode step of
+    the running batch after every prefill_budget tokens of prefill work or prefill_share decode steps' time of
     it, whichever comes first (`Scheduler`); prefill_chunk None: whole prefills.
     """
     if prefix_cache_mib is not None:
         llm.use_prefix_cache(prefix_cache_mib)
     metrics = Metrics()
     scheduler = Scheduler(llm, int(kv_mib * 2**20), max_batch, max_queue, metrics, compile, prefill_chunk,
-                          step_budget, prefill_share)  # fmt: skip
+                          prefill_budget, prefill_share)  # fmt: skip
     limits = limits or ServeLimits()
     served = Served(llm, name, scheduler, metrics, llm.resolve(method), limits)  # a bad default fails here
 

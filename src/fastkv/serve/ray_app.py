@@ -48,7 +48,7 @@ class ReplicaOptions:
     limits: ServeLimits = ServeLimits()  # what each replica's app checks (API key, hosts, sizes)
     proxy_queue: int | None = None  # requests that may wait in Ray's proxy for a replica (default max_queue)
     prefill_chunk: int | None = 256
-    step_budget: int = 8192
+    prefill_budget: int = 8192
     prefill_share: float = 1.0
 
 
@@ -110,7 +110,7 @@ def build_app(options: ReplicaOptions):
     app = create_app(llm, options.model, options.method, options.kv_mib, options.max_batch, options.max_queue,
                      options.compile, replica=name, metrics_body=all_replicas_metrics,
                      prefix_cache_mib=options.prefix_cache_mib, limits=options.limits,
-                     prefill_chunk=options.prefill_chunk, step_budget=options.step_budget,
+                     prefill_chunk=options.prefill_chunk, prefill_budget=options.prefill_budget,
                      prefill_share=options.prefill_share)  # fmt: skip
     _REPLICA.update(name=name, metrics=app.state.metrics)
     return app

@@ -8,7 +8,7 @@ One thread owns the model. Each turn of its loop it
    prompt, with a prefix store) and lets it join the running batch;
 3. runs one decode step for every running request.
 A prefill runs `prefill_chunk` tokens at a time through each layer's projections, attention and MLP, and
-the running batch takes a decode step between chunks once `step_budget` tokens of such work have run, or
+the running batch takes a decode step between chunks once `prefill_budget` tokens of such work have run, or
 sooner, before the next chunk would take the prefill's time since the last step beyond `prefill_share`
 decode steps' time: so a long prompt arriving does not freeze the streams (None: a prefill runs whole,
 pausing them for its duration). Both bounds are needed because chunks differ in cost by about 5x (an
@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from ..batch import DecodeBatch, prefill_prompt
 from ..cache import entry_bytes, merged_bytes
 from ..engine import check_prompt
+from ..layer import PrefillOptions
 from ..methods import Method
 from ..results import GenerationResult
 from ..sampling import SamplingParams
@@ -95,9 +96,9 @@ class Job:
 
 class Scheduler:
     def __init__(self, llm, kv_bytes: int, max_batch: int, max_queue: int, metrics=None, compile: bool = False,
-                 prefill_chunk: int | None = 256, step_budget: int = 8192, prefill_share: float = 1.0):  # fmt: skip
+                 prefill_chunk: int | None = 256, prefill_budget: int = 8192, prefill_share: float = 1.0):  # fmt: skip
         self.llm, self.adapter = llm, llm.adapter
-        self.prefill_chunk, self.step_budget, self.prefill_share = prefill_chunk, step_budget, prefill_share
+        self.prefill_chunk, self.prefill_budget, self.prefill_share = prefill_chunk, prefill_budget, prefill_share
         self._since_step, self._spent, self._mark = 0, 0.0, 0.0  # prefill work since the last decode step
         self._chunks: deque[float] = deque(maxlen=3)  # the last chunks' seconds: what the next may take
         self._step_seconds: float | None = None  # a decode step's time (moving average)
@@ -250,7 +251,7 @@ class Scheduler:
 
     def _between_chunks(self, tokens: int) -> None:
         """Called inside a chunked prefill after each chunk: a decode step for the running batch once
-        `step_budget` tokens of prefill work have run since the last one, or once the next chunk (taken to
+        `prefill_budget` tokens of prefill work have run since the last one, or once the next chunk (taken to
         cost as much as the dearest of the last three) would bring the prefill's time since then beyond
         `prefill_share` decode steps; the prefill stops if its own request was cancelled."""
         now = time.perf_counter()
@@ -260,7 +261,7 @@ class Scheduler:
         self._mark = now
         late = (self.prefill_share > 0 and self._step_seconds is not None
                 and self._spent + max(self._chunks) > self.prefill_share * self._step_seconds)  # fmt: skip
-        if self._since_step < self.step_budget and not late:
+        if self._since_step < self.prefill_budget and not late:
             return
         self._since_step, self._spent = 0, 0.0
         with self.cond:
@@ -276,9 +277,9 @@ class Scheduler:
         self._prefilling, self._since_step, self._spent, self._mark = job, 0, 0.0, time.perf_counter()
         self._chunks.clear()
         chunked = self.prefill_chunk is not None
-        done = prefill_prompt(self.adapter, job.ids, job.method, job.params.max_tokens, self.prefill_chunk,
-                              prefix_cache=self.llm.prefix_cache,
-                              on_chunk=self._between_chunks if chunked else None)  # fmt: skip
+        options = PrefillOptions(job.params.max_tokens, self.prefill_chunk,
+                                 on_chunk=self._between_chunks if chunked else None)  # fmt: skip
+        done = prefill_prompt(self.adapter, job.ids, job.method, options, prefix_cache=self.llm.prefix_cache)
         if job.cancelled or job.id not in self.jobs:  # its client went away during the prefill
             return
         result = self.batch.join(job.id, done, job.params)
