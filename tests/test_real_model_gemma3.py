@@ -59,11 +59,11 @@ def test_the_passkey_at_4k_under_fullkv_and_fastkv(llm):
 
 def test_the_server_answers_the_openai_client(llm):
     """`fastkv serve --model gemma3-270m`: a base model, so the openai client's completions (a chat is refused
-    with the endpoint to use), streamed and whole, with its calibrated FastKV; the 4K passkey comes back."""
+    with the endpoint to use), streamed and whole, with its calibrated FastKV; the 2K passkey comes back."""
     openai = pytest.importorskip("openai")
     from .test_serve import Live
 
-    needle = passkey_prompt(llm.tokenizer, 4096, depth=0.5, seed=3)
+    needle = passkey_prompt(llm.tokenizer, 2048, depth=0.5, seed=3)  # four windows long
     server = Live(llm, name="gemma3-270m", method="fastkv", kv_mib=256)
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
