@@ -34,6 +34,30 @@ from transformers import (  # noqa: E402
     Qwen3MoeForCausalLM,
 )
 
+# pytest-xdist's workers (pyproject: `-n 2`) share the cores: each one's torch gets its part of them (two
+# workers of two threads on two cores slow each other down: OpenMP's threads spin while they wait). The
+# CLIs and servers a test starts keep the default, as a user's do.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(workers)))
+
+
+# The longest files, longest first (the durations every run prints): each xdist worker takes the next file
+# when it finishes one, so a long file left for last would keep one worker busy alone at the end.
+LONGEST = ("test_readme.py", "test_real_model.py", "test_real_model_1p5b.py", "test_real_model_gemma3.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The longest files first, then the other real-model files (marked slow), then the rest; a file's
+    tests keep their order."""
+    slow = {item.path.name for item in items if item.get_closest_marker("slow") is not None}
+
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST.index(name) if name in LONGEST else len(LONGEST) + (name not in slow)
+
+    items.sort(key=rank)
+
+
 COMMON = dict(
     vocab_size=128,
     hidden_size=64,

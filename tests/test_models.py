@@ -167,3 +167,31 @@ def test_a_missing_file_and_an_unreachable_hub_are_said_at_once(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set: download it .* local folder"):
         load("nobody/no-such-model-xyz", progress=False)
+
+
+def test_two_processes_converting_one_model_convert_it_once(tmp_path, monkeypatch):
+    """A second conversion of the same model waits for the first (a lock beside the folder) and then uses
+    its result instead of converting again over it."""
+    import threading
+    import time
+
+    spec = fake_spec(tmp_path, monkeypatch, [b"gguf", b"bytes"])
+    final = tmp_path / "cache" / "fake-converted"
+    writes = []
+
+    def write(gguf, out):  # slow enough that the other caller arrives while this one converts
+        writes.append(threading.get_ident())
+        assert (gguf / "model.gguf").read_bytes() == b"ggufbytes"
+        out.mkdir()
+        time.sleep(0.5)
+        (out / "weights").write_text("converted")
+
+    done = []
+    callers = [threading.Thread(target=lambda: done.append(models._convert(spec, final, "test", write, False)))
+               for _ in range(2)]  # fmt: skip
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(writes) == 1 and done == [final, final]
+    assert (final / "weights").read_text() == "converted" and (final / "complete").exists()

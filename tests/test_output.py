@@ -27,31 +27,28 @@ def fastkv(cache, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fastkv", *args], env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_generate_writes_only_the_answer_on_a_first_and_a_warm_run(tmp_path, monkeypatch):
-    args = ["generate", "-m", "smollm2-135m", "--method", "fullkv", "-q", QUESTION, "-n", "6"]
-    first = fastkv(tmp_path, *args)
-    assert first.returncode == 0, first.stderr
-    assert "assembling smollm2-135m" in first.stderr  # the first run did assemble it, and said so on stderr
-    warm = fastkv(tmp_path, *args)
-    assert warm.returncode == 0, warm.stderr
-    assert "assembling" not in warm.stderr and "finish:" in warm.stderr  # the stats line
-    from fastkv import LLM
-
-    monkeypatch.setenv("FASTKV_CACHE", str(tmp_path))
-    answer = LLM.load("smollm2-135m", progress=False).generate(QUESTION, "fullkv", max_tokens=6, chat=True).text
-    assert answer.strip() and first.stdout == warm.stdout == answer + "\n"
-
-
-def test_batch_writes_only_jsonl_on_a_first_and_a_warm_run(tmp_path):
+def test_stdout_holds_only_answers_on_a_first_and_a_warm_run(tmp_path, monkeypatch):
+    """The first run (--batch) assembles and converts the model: its stdout is still JSONL alone. A warm
+    `generate` prints the answer alone (the stats line on stderr), and a warm --batch the same rows."""
     prompts = tmp_path / "in.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}.", "id": f"p{i}"}) + "\n" for i in range(3)))
-    args = ["generate", "-m", "smollm2-135m", "--method", "fullkv", "--batch", str(prompts), "-n", "4"]
-    runs = [fastkv(tmp_path / "cache", *args) for _ in range(2)]  # the first assembles and converts
-    assert "assembling smollm2-135m" in runs[0].stderr
+    batch = ["generate", "-m", "smollm2-135m", "--method", "fullkv", "--batch", str(prompts), "-n", "4"]
+    cache = tmp_path / "cache"
+    first = fastkv(cache, *batch)
+    assert "assembling smollm2-135m" in first.stderr  # the first run did assemble it, and said so on stderr
+    args = ["generate", "-m", "smollm2-135m", "--method", "fullkv", "-q", QUESTION, "-n", "6"]
+    warm = fastkv(cache, *args)
+    assert warm.returncode == 0, warm.stderr
+    assert "assembling" not in warm.stderr and "finish:" in warm.stderr  # the stats line
     answers = []
-    for run in runs:
+    for run in (first, fastkv(cache, *batch)):
         assert run.returncode == 0, run.stderr
         rows = [json.loads(line) for line in run.stdout.splitlines()]  # every line is JSON
         assert [r["id"] for r in rows] == ["p0", "p1", "p2"] and all(r["finish_reason"] for r in rows)
         answers.append([(r["text"], r["new_tokens"]) for r in rows])  # timings differ between runs
     assert answers[0] == answers[1]
+    from fastkv import LLM
+
+    monkeypatch.setenv("FASTKV_CACHE", str(cache))
+    answer = LLM.load("smollm2-135m", progress=False).generate(QUESTION, "fullkv", max_tokens=6, chat=True).text
+    assert answer.strip() and warm.stdout == answer + "\n"

@@ -44,20 +44,17 @@ def test_it_is_the_coder_1p5b_and_the_engine_matches_transformers(llm):
     assert int(logits.argmax()) == int(ref.argmax())
 
 
-@pytest.mark.parametrize(
-    "method",
-    [FullKV(), SnapKV(retain_rate=0.1), FastKV(tsp_rate=0.2, retain_rate=0.1)],
-    ids=["fullkv", "snapkv", "fastkv"],
-)
-def test_passkey_at_2k_tokens(llm, method):
+def test_passkey_at_2k_tokens(llm):
+    """FullKV, SnapKV and FastKV from one shared prefill (`generate_many`: each as it would run alone)."""
     needle = passkey_prompt(llm.tokenizer, 2048, depth=0.4, seed=3)
-    result = llm.generate(needle.text, method, max_tokens=10, chat=True)
-    assert needle.is_correct(result.text), (method, result.text)
-    if method.name == "fastkv":
-        s = result.stats
-        # The shipped profile sets the knobs left unset (tsp_layer 15 of 28); tsp_rate is set here.
-        assert llm.profile is not None and llm.profile.model == NAME
-        layer = llm.profile.knobs["tsp_layer"]
-        assert layer == 15 and s.defaults.startswith("profile qwen2.5-1.5b")
-        assert s.tokens_per_layer[: layer + 1] == [s.prompt_tokens] * (layer + 1)
-        assert s.tokens_per_layer[layer + 1 :] == [max(512, s.prompt_tokens // 5)] * (27 - layer)
+    methods = [FullKV(), SnapKV(retain_rate=0.1), FastKV(tsp_rate=0.2, retain_rate=0.1)]
+    for method, result in zip(methods, llm.generate_many(needle.text, methods, max_tokens=10, chat=True), strict=True):
+        assert needle.is_correct(result.text), (method, result.text)
+        if method.name == "fastkv":
+            s = result.stats
+            # The shipped profile sets the knobs left unset (tsp_layer 15 of 28); tsp_rate is set here.
+            assert llm.profile is not None and llm.profile.model == NAME
+            layer = llm.profile.knobs["tsp_layer"]
+            assert layer == 15 and s.defaults.startswith("profile qwen2.5-1.5b")
+            assert s.tokens_per_layer[: layer + 1] == [s.prompt_tokens] * (layer + 1)
+            assert s.tokens_per_layer[layer + 1 :] == [max(512, s.prompt_tokens // 5)] * (27 - layer)

