@@ -165,15 +165,19 @@ def test_window_scored_selections_match_reference(family):
     assert budgets == [36, 28, 20, 12] and sum(budgets) / LAYERS == 24
     pyramid, _, _ = prefill(adapter, ids, PyramidKV(budget=24, beta=4))
     h2o, _, _ = prefill(adapter, ids, H2O(budget=24))
+    snap_recent, _, _ = prefill(adapter, ids, SnapKV(budget=24, recent_share=0.75))
     for i, p in enumerate(probs):
         snap = snap_scores(p, W, 7, "max", hkv)
-        # H2O: attention received from every query (causal by construction of the eager probs)
-        heavy = torch.zeros(hkv, L - W, dtype=torch.float64)
+        # H2O: attention received from every query (causal by construction of the eager probs), over all but
+        # the most recent half of the budget (12 entries), which is kept whole
+        heavy = torch.zeros(hkv, L - 12, dtype=torch.float64)
         for h in range(p.shape[0]):
-            heavy[h // (p.shape[0] // hkv)] += p[h, :, : L - W].double().sum(0)
+            heavy[h // (p.shape[0] // hkv)] += p[h, :, : L - 12].double().sum(0)
         for head in range(hkv):
             assert_top_entries(pyramid.positions[i][0, head], snap[head], W, budgets[i])
-            assert_top_entries(h2o.positions[i][0, head], heavy[head], W, 24)
+            assert_top_entries(h2o.positions[i][0, head], heavy[head], 12, 24)
+            # a recent share on window scores: the last 18 whole, the best 6 of the rest by the window's scores
+            assert_top_entries(snap_recent.positions[i][0, head], snap[head][: L - 18], 18, 24)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -63,6 +63,8 @@ class SnapKV(Budget, Window, Preset):
     paper: ClassVar[str] = "https://arxiv.org/abs/2404.14469"
     prototype: ClassVar[Composed] = Composed(reducer=NoReduction(), policy=TopK())
 
+    recent_share: float | None = None
+
 
 @dataclass(frozen=True, kw_only=True)
 class FastKV(Budget, Window, Preset):
@@ -96,15 +98,18 @@ class StreamingLLM(Budget, Preset):
 
 @dataclass(frozen=True, kw_only=True)
 class H2O(Budget, Preset):
-    """Full prefill; each layer caches the heavy hitters (most attention received, causally) and a recent
-    window."""
+    """Full prefill; each layer caches the heavy hitters (most attention received, causally) and the most
+    recent tokens, half of the budget each, as in the paper's experiments (`recent_share=0.5`)."""
 
     name: ClassVar[str] = "h2o"
     paper: ClassVar[str] = "https://arxiv.org/abs/2306.14048"
-    prototype: ClassVar[Composed] = Composed(reducer=NoReduction(), policy=TopK(scorer=AccumulatedAttention()))
+    prototype: ClassVar[Composed] = Composed(
+        reducer=NoReduction(), policy=TopK(scorer=AccumulatedAttention(), recent_share=0.5)
+    )
 
     window_size: int | None = None
     chunk_mib: int | None = None
+    recent_share: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
