@@ -1,6 +1,6 @@
 """qwen2.5-0.5b from its PyPI packages: exactness against transformers, passkey retrieval, the CLI.
 
-Marked slow (about two minutes on 2 CPU cores, plus a one-time conversion). When the model packages are
+Marked slow (about ten minutes on 2 cores of an AVX2-only EPYC, plus a one-time conversion). When the model packages are
 missing these tests skip, unless FASTKV_REQUIRE_MODELS=1 (set by CI), where they fail instead.
 """
 
