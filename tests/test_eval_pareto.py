@@ -58,4 +58,5 @@ def test_figure_and_cli(metrics, tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "pareto.png").exists()
     missing = CliRunner().invoke(app, ["eval", "pareto", str(tmp_path / "nothing")])
-    assert missing.exit_code == 2 and "metrics.json not found" in " ".join(missing.stderr.split())
+    # the path is printed whole, on one line, for copying (console.fail does not wrap it)
+    assert missing.exit_code == 2 and f"{tmp_path / 'nothing' / 'metrics.json'} not found" in missing.stderr

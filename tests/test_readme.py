@@ -8,7 +8,10 @@ tree). Three kinds of line are handled apart, each for a stated reason:
   the installation it runs in;
 - `python -m pytest -q`: the command that runs this test;
 - `fastkv serve ...`: a server, started in the background until it is ready (`/health` answers 200); the
-  next Python block (the client) runs against it, then SIGTERM stops it, and it must exit cleanly.
+  next Python block (the client) runs against it, then SIGTERM stops it, and it must exit cleanly;
+- `fastkv demo`: `tests/test_real_model.py::test_cli_generate_and_demo` runs the same command at 1K tokens
+  and checks its table (every method finds the passkey). As written (4K tokens) it is three 4K prefills
+  alone, three to five minutes of CI's 30 on two cores, for nothing that test does not check.
 Each command must exit 0 and print no traceback.
 """
 
@@ -32,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 CI_RUNS = ("bash scripts/setup.sh", "python -m pytest -q")
+ELSEWHERE = ("fastkv demo",)  # run by tests/test_real_model.py (see above)
 TIMEOUT = 900  # seconds for one command (the first load of a model converts it)
 
 pytestmark = pytest.mark.slow
@@ -147,7 +151,7 @@ def test_every_code_block_runs_as_written(workdir):
                 server = None
             continue
         for line in commands(code):
-            if line in CI_RUNS:
+            if line in CI_RUNS or line in ELSEWHERE:
                 continue
             begun = time.perf_counter()
             if line.startswith("fastkv serve"):
@@ -157,7 +161,7 @@ def test_every_code_block_runs_as_written(workdir):
             ran.append(line)
             took.append((time.perf_counter() - begun, line))
     assert server is None, f"{serving} was started but no Python block followed it"
-    assert any(line.startswith("fastkv demo") for line in ran) and any("serve" in line for line in ran)
+    assert any("serve" in line for line in ran)
     assert (workdir / "answers.jsonl").is_file() and (workdir / "runs" / "ruler-quick" / "predictions.jsonl").is_file()
     print(f"{len(ran)} commands and blocks ran:", file=sys.stderr)
     for seconds, what in took:

@@ -11,8 +11,9 @@ err = Console(stderr=True)
 
 
 def fail(message: str) -> None:
-    """Print an error that names the problem and exit with status 2."""
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    """Print an error that names the problem and exit with status 2. The line is not wrapped at the
+    console's width, so that a path in it stays whole for copying (the terminal wraps it for the eye)."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
