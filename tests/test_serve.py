@@ -244,3 +244,24 @@ def test_a_chat_turn_reuses_the_previous_turns_prefix(tiny_dir):
         assert two.choices[0].message.content == fresh.generate(second, method, max_tokens=6, chat=True).text
     finally:
         server.close()
+
+
+def test_a_request_asks_for_accuracy_and_the_answer_names_the_setting(live, llm):
+    from fastkv.frontier import Frontier, Setting
+
+    chosen = "fastkv(tsp_layer=1, tsp_len=48, budget=64)"
+    settings = (Setting(chosen, 60, 1.5, 0.5, 2.5, 1.6, 0.3), Setting("fastkv(tsp_layer=2, tsp_len=48, budget=64)",
+                                                                       50, 9.0, 7, 11, 1.9, 0.2))  # fmt: skip
+    llm.frontier = Frontier("tiny", "a made-up suite", "here", "today", settings)
+    try:
+        body = {"fastkv": {"method": "fastkv(max_loss=0.02)"}}
+        done = live.client.completions.create(model="tiny", prompt=question(4), max_tokens=5, temperature=0,
+                                              extra_body=body)  # fmt: skip
+        extra = done.model_extra["fastkv"]
+        assert extra["method"] == llm.generate(question(4), chosen, max_tokens=5, chat=False).stats.method
+        assert "max_loss=0.02" in extra["defaults"] and "loss 1.5 points" in extra["defaults"]
+        with pytest.raises(openai.BadRequestError, match="the closest is"):
+            live.client.completions.create(model="tiny", prompt=question(4), max_tokens=5,
+                                           extra_body={"fastkv": {"method": "fastkv(max_loss=0.001)"}})  # fmt: skip
+    finally:
+        llm.frontier = None

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from .adapters import adapter_for
+from .frontier import Frontier, check_spec, split_max_loss
+from .frontier import find as find_frontier
 from .generate import generate, generate_batch, generate_many, is_batch, stream
 from .methods import Method, parse
 from .prefix import PrefixStore
-from .profiles import PRESET, Profile, find
+from .profiles import PRESET, Profile, find, label
 from .results import GenerationResult
 from .sampling import SamplingParams
 from .selfcheck import check_against_model
@@ -35,6 +37,7 @@ class LLM:
         if check:
             check_against_model(self.adapter, name or type(model).__name__)
         self.profile: Profile | None = find(name)
+        self.frontier: Frontier | None = find_frontier(name)  # what `fastkv(max_loss=...)` chooses from
         self.prefix_cache: PrefixStore | None = None
         self.use_prefix_cache(prefix_cache_mib)
 
@@ -82,12 +85,30 @@ class LLM:
         from: the profile's description, "paper", or "" for a method that has no `fastkv` side.
         knobs: set apart from the spec, as a command's options (`spec.parse`)."""
         method = method if method is not None else PRESET
+        if isinstance(method, str) and "max_loss" in method:
+            return self._within(method, knobs)
         profile = {PRESET: self.profile.knobs} if self.profile is not None else None
         chosen = self.adapter.bind(parse(method, knobs=knobs, preset_defaults=profile))
         recipe = chosen.recipe or ()
         if not recipe or recipe[0][0] != PRESET:
             return chosen, ""
         return chosen, self.profile.source if self.profile is not None else "paper"
+
+    def _within(self, spec: str, knobs: dict) -> tuple[Method, str]:
+        """`fastkv(max_loss=...)`: the fastest FastKV setting of the model's frontier within the bound, and a
+        source that names it with its measured loss (`fastkv.frontier`)."""
+        import warnings
+
+        check_spec(spec, knobs)
+        rest, bound = split_max_loss(spec)
+        if self.frontier is None:
+            note = f"{label(self.name or 'this model')} has no measured frontier (`fastkv eval frontier`)"
+            warnings.warn(f"{note}: max_loss={bound} cannot be honoured; running the paper's fastkv", stacklevel=3)
+            return self.adapter.bind(parse(rest)), f"paper ({note}; max_loss={bound} not applied)"
+        setting = self.frontier.pick(bound)
+        where = f"frontier {label(self.frontier.model)} ({self.frontier.suite})"
+        source = f"{where}, max_loss={bound}: {setting.describe()}"
+        return self.adapter.bind(parse(setting.spec)), source
 
     def generate(
         self,

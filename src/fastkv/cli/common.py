@@ -12,7 +12,8 @@ from ..methods import PRESETS
 
 METHOD_HELP = (
     "method spec: a preset (" + ", ".join(PRESETS) + "), with knobs as in 'fastkv(kernel_size=13)', or "
-    "REDUCER+POLICY as in 'fastkv+adakv'; see `fastkv methods`"
+    "REDUCER+POLICY as in 'fastkv+adakv', or 'fastkv(max_loss=0.02)': the fastest setting of the model's "
+    "measured frontier that loses at most 2 points; see `fastkv methods`"
 )
 MODEL_HELP = "registered name, local dir, .gguf or HF id"
 COMPILE_HELP = (

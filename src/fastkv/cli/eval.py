@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -459,6 +460,46 @@ def pareto(out_dir: Path = typer.Argument(..., help="an evaluation directory (me
 
 
 @app.command()
+def frontier(
+    evaluations: list[Path] = typer.Argument(..., help="evaluation directories (their metrics.json), one per suite"),
+    model: str = MODEL,
+    out_dir: Path = typer.Option(..., "--out", help="where frontier.json, frontier.md and frontier.png go"),
+    suite: str = typer.Option(..., help="what the evaluations measured, as the frontier states it"),
+    machine: str = typer.Option(..., help="the machine the speed-ups were measured on (CPU, threads, dtype)"),
+    install: bool = typer.Option(False, help="also make it this model's frontier for max_loss, in your cache"),
+) -> None:
+    """A model's speed/fidelity frontier from evaluations that ran FullKV and many settings: each setting's
+    loss against FullKV and its measured prefill speed-up, the Pareto ones marked (`fastkv.frontier`).
+    `fastkv(max_loss=0.02)` then picks the fastest FastKV setting within 2 points."""
+    import datetime
+
+    from ..eval.pareto import frontier_figure, frontier_table
+    from ..frontier import SUFFIX, from_metrics
+    from ..profiles import safe, user_path
+
+    metrics = []
+    for directory in evaluations:
+        path = directory / "metrics.json"
+        if not path.is_file():
+            fail(f"{path} not found: run an evaluation into {directory} first (or `fastkv eval report` it)")
+        metrics.append(json.loads(path.read_text()))
+    try:
+        built = from_metrics(model, metrics, suite, machine, datetime.date.today().isoformat())
+    except ValueError as e:
+        fail(str(e))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    built.save(out_dir / "frontier.json")
+    (out_dir / "frontier.md").write_text(frontier_table(built))
+    frontier_figure(built, out_dir / "frontier.png")
+    out.print(frontier_table(built), highlight=False)
+    if install:
+        target = user_path(model).with_name(safe(model) + SUFFIX)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        built.save(target)
+        err.print(f"installed as {model}'s frontier: {target}", highlight=False)
+
+
+@app.command()
 def multiq(
     model: str = MODEL,
     methods: str = typer.Option("snapkv,fastkv", help="compressing methods; FullKV is the reference"),
@@ -467,6 +508,11 @@ def multiq(
     questions: int = typer.Option(5, help="questions (facts) per document, at most 8"),
     new_tokens: int = typer.Option(16, help="tokens generated per answer"),
     seed: int = typer.Option(7),
+    setups: str = typer.Option(
+        "per question,compressed once,question-agnostic",
+        help="which of the three setups to run, comma-separated (a held-out check of the default needs only "
+        "'per question', a third of the time)",
+    ),
     retain_rate: float = RETAIN,
     tsp_rate: float | None = TSP,
     profile: bool = PROFILE,
@@ -483,6 +529,9 @@ def multiq(
 
     if not 1 <= questions <= len(M.ROOMS) or docs < 1 or new_tokens < 1:
         fail(f"--questions must be in 1..{len(M.ROOMS)}, --docs and --new-tokens >= 1")
+    chosen_setups = [name.strip() for name in setups.split(",") if name.strip()]
+    if not chosen_setups or (unknown := [name for name in chosen_setups if name not in M.SETUPS]):
+        fail(f"--setups: unknown setup(s) {unknown if chosen_setups else setups!r}: choose from {', '.join(M.SETUPS)}")
     built = build_methods(methods, retain_rate, tsp_rate)
     llm, dtype_label, runs = load_for_eval(model, dtype, device, quantize, built, profile)
     out_path = out_dir or Path("runs") / "multiq"
@@ -490,13 +539,14 @@ def multiq(
     settings = {"length": length, "dtype": dtype_label, "seed": seed, "new_tokens": new_tokens, "version": 1}
     config = {"suite": "multiq", "model": model, "docs": docs, "questions": questions, **settings,
               "methods": list(runs)}  # fmt: skip
-    update_record(out_path, config, None, new_command=True)
-    setups = [("fullkv", None, "per question")] + [(f"{spec} [{setup}]", m, setup) for spec, m in runs.items()
-                                                   for setup in M.SETUPS]  # fmt: skip
+    started = time.time()
+    update_record(out_path, config, started, new_command=True)
+    planned = [("fullkv", None, "per question")] + [(f"{spec} [{setup}]", m, setup) for spec, m in runs.items()
+                                                    for setup in M.SETUPS if setup in chosen_setups]  # fmt: skip
     tag = json.dumps(settings, sort_keys=True)
     for index in range(docs):
         session = M.session(llm.tokenizer, length, seed, index, questions)
-        for label, method, setup in setups:
+        for label, method, setup in planned:
             if all(store.has(RunKey(model, str(length), tag, label, f"q{k + 1}", index)) for k in range(questions)):
                 continue
             chosen = method if method is not None else "fullkv"
@@ -508,5 +558,5 @@ def multiq(
         err.print(f"document {index + 1}/{docs} done", highlight=False)
     table = M.summary([r for r in store.rows.values() if r["settings"] == settings], list(runs))
     (out_path / "summary.md").write_text(table)
-    update_record(out_path, config, None, new_command=False)
+    update_record(out_path, config, started, new_command=False)  # adds this invocation's time
     out.print(table, highlight=False)

@@ -8,8 +8,9 @@ from pathlib import Path
 import typer
 
 from ..console import err, fail, load_llm
+from ..frontier import check_spec
 from ..layer import check_chunk
-from ..methods import parse, spec_name
+from ..methods import spec_name
 from ..models import DEFAULT_MODEL, DTYPE_HELP
 from ..quantize import QUANTIZE_HELP
 from ..sampling import SamplingParams
@@ -52,7 +53,7 @@ def generate(
     from .batch import read_prompts, run_batch
 
     try:
-        parse(method, knobs=knobs)  # fail fast, before loading the model
+        check_spec(method, knobs)  # fail fast, before loading the model
         check_chunk(prefill_chunk)
         sampling = SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop))
     except ValueError as e:
@@ -78,7 +79,7 @@ def generate(
     try:
         chosen, defaults = llm.resolve(method, **knobs)  # with the model's calibrated FastKV defaults, if any
     except ValueError as e:
-        fail(f"{e} (with the defaults of {llm.profile.source})" if llm.profile else str(e))
+        fail(f"{e} (with the defaults of {llm.profile.source})" if llm.profile and "max_loss" not in method else str(e))
     progress, on_layer = prefill_progress(llm.adapter.num_layers, f"prefill ({spec_name(chosen)})")
 
     def write(piece: str) -> None:

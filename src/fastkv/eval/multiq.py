@@ -142,7 +142,8 @@ def answers(llm, s: Session, method, setup: str, new_tokens: int) -> list[str]:
 
 def summary(rows: list[dict], specs: list[str]) -> str:
     """A markdown table: each setup's share of right answers per turn and on average, with paired 95%
-    intervals against FullKV and, for compressing once or with no question, against per-question."""
+    intervals against FullKV, against SnapKV in the same setup (when a SnapKV spec ran) and, for compressing
+    once or with no question, against per-question."""
     from .paired import paired_difference
     from .report import interval, markdown, shorter
 
@@ -150,7 +151,9 @@ def summary(rows: list[dict], specs: list[str]) -> str:
     for row in rows:
         by_label.setdefault(row["method"], []).append(row)
     turns = sorted({r["task"] for r in rows}, key=lambda t: int(t[1:]))
-    header = ["setup", *turns, "average", "vs FullKV [95% CI]", "vs per question [95% CI]", "answers"]
+    snapkv = next((spec for spec in specs if spec.split("(")[0] == "snapkv"), None)
+    header = ["setup", *turns, "average", "vs FullKV [95% CI]", "vs SnapKV [95% CI]", "vs per question [95% CI]",
+              "answers"]  # fmt: skip
     lines = []
     for label in ["fullkv"] + [f"{spec} [{setup}]" for spec in specs for setup in SETUPS]:
         group = by_label.get(label, [])
@@ -165,6 +168,10 @@ def summary(rows: list[dict], specs: list[str]) -> str:
         full = paired_difference(group, by_label.get("fullkv", [])) if label != "fullkv" else None
         own = by_label.get(f"{spec} [per question]", [])
         versus = paired_difference(group, own) if own and "per question" not in label else None
-        name = label if label == "fullkv" else f"{shorter(spec)} [{label.rsplit(' [', 1)[1]}"
-        lines.append([name, *cells, f"{average:.1f}", interval(full), interval(versus), str(len(group))])
+        setup = label.rsplit(" [", 1)[1] if label != "fullkv" else ""
+        snap = by_label.get(f"{snapkv} [{setup}") if snapkv and label != "fullkv" and spec != snapkv else None
+        against_snapkv = paired_difference(group, snap) if snap else None
+        name = label if label == "fullkv" else f"{shorter(spec)} [{setup}"
+        lines.append([name, *cells, f"{average:.1f}", interval(full), interval(against_snapkv), interval(versus),
+                      str(len(group))])  # fmt: skip
     return "\n".join(markdown(header, lines)) + "\n"

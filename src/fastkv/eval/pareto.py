@@ -104,3 +104,52 @@ def pareto(metrics: dict, out_dir: str | Path) -> list[Path]:
         name = "pareto.png" if len(by_context) == 1 else f"pareto_{re.sub(r'[^A-Za-z0-9.]+', '_', context)}.png"
         files.append(figure(context, chosen, out / name))
     return files
+
+
+def frontier_table(frontier) -> str:
+    """A markdown table of a `fastkv.frontier.Frontier`: every setting, fastest first, the Pareto ones marked."""
+    from .report import markdown
+
+    on = set(frontier.pareto())
+    rows = [
+        [short_spec(s.spec), f"{s.score:.1f}", f"{s.loss:.1f} [{s.loss_low:.1f}, {s.loss_high:.1f}]",
+         f"{s.prefill_speedup:.2f}", f"{100 * s.kv_share:.1f}", "yes" if s in on else ""]
+        for s in sorted(frontier.settings, key=lambda s: (-s.prefill_speedup, s.kv_share, s.loss))
+    ]  # fmt: skip
+    header = ["setting", "score", "loss vs FullKV, points [95% CI]", "prefill x FullKV", "KV %", "Pareto"]
+    intro = (
+        f"# Frontier of {frontier.model}\n\n{frontier.suite}; speed-ups measured on {frontier.machine}; "
+        f"built {frontier.created}.\n\n"
+    )
+    return intro + "\n".join(markdown(header, rows)) + "\n"
+
+
+def frontier_figure(frontier, path: Path) -> Path:
+    """Loss against prefill speed-up, one colour per method, the Pareto frontier as a step line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for preset in sorted({s.preset for s in frontier.settings}):
+        group = [s for s in frontier.settings if s.preset == preset]
+        style = {"marker": "*", "s": 140, "color": "black"} if preset == "fullkv" else {"s": 28}
+        ax.scatter([s.prefill_speedup for s in group], [s.loss for s in group], label=preset, **style)
+    best = sorted(frontier.pareto(), key=lambda s: s.prefill_speedup)
+    # the least loss at a speed-up of at least x: each step takes the value of the next point to the right
+    ax.step([s.prefill_speedup for s in best], [s.loss for s in best], where="pre", color="black", lw=1,
+            label="Pareto frontier")  # fmt: skip
+    for s in best:
+        ax.annotate(short_spec(s.spec), (s.prefill_speedup, s.loss), textcoords="offset points", xytext=(4, 4),
+                    fontsize=6)  # fmt: skip
+    ax.set_xlabel("prefill speed-up over FullKV (each alone, side by side)")
+    ax.set_ylabel("loss against FullKV, points (lower is better)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{frontier.model}: {frontier.suite}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
