@@ -64,11 +64,14 @@ class Frontier:
     created: str
     settings: tuple[Setting, ...]
 
+    def fastest_first(self) -> list[Setting]:
+        """Every setting by prefill speed-up, then the smaller cache, then the smaller loss."""
+        return sorted(self.settings, key=lambda s: (-s.prefill_speedup, s.kv_share, s.loss))
+
     def pareto(self) -> list[Setting]:
         """The settings no other one beats on both loss and prefill speed-up, fastest first."""
-        ordered = sorted(self.settings, key=lambda s: (-s.prefill_speedup, s.kv_share, s.loss))
         kept: list[Setting] = []
-        for s in ordered:
+        for s in self.fastest_first():
             if not kept or s.loss < min(k.loss for k in kept):
                 kept.append(s)
         return kept
@@ -76,8 +79,7 @@ class Frontier:
     def pick(self, max_loss: float, preset: str = "fastkv") -> Setting:
         """The fastest `preset` setting whose loss is at most `max_loss` (a share: 0.02 is 2 points).
         ValueError names the closest setting when none qualifies."""
-        if not 0 <= max_loss <= 1:
-            raise ValueError(f"max_loss must be a share of the score in [0, 1] (0.02: 2 points), got {max_loss}")
+        check_bound(max_loss)
         candidates = [s for s in self.settings if s.preset == preset]
         if not candidates:
             raise ValueError(f"the frontier of {self.model} holds no {preset} setting")
@@ -107,11 +109,16 @@ class Frontier:
         return cls(**record, settings=settings)
 
 
+def user_file(model: str) -> Path:
+    """Where `fastkv eval frontier --install` puts a model's frontier: beside the user's profiles."""
+    return user_path(model).with_name(safe(model) + SUFFIX)
+
+
 def find(model: str | None) -> Frontier | None:
     """The model's frontier: the user's, else the shipped one, else None."""
     if not model:
         return None
-    for path in (user_path(model).with_name(safe(model) + SUFFIX), shipped_dir() / f"{safe(model)}{SUFFIX}"):
+    for path in (user_file(model), shipped_dir() / f"{safe(model)}{SUFFIX}"):
         if path.is_file():
             return Frontier.load(path)
     return None
@@ -139,19 +146,25 @@ def split_max_loss(spec: str) -> tuple[str, float | None]:
     return rest, bound
 
 
-def check_spec(spec: str, knobs: dict | None = None) -> None:
-    """Raise ValueError for a spec (with a command's knobs) that cannot run, before a model is loaded."""
+def check_bound(max_loss: float) -> None:
+    if not 0 <= max_loss <= 1:
+        raise ValueError(f"max_loss must be a share of the score in [0, 1] (0.02: 2 points), got {max_loss}")
+
+
+def check_spec(spec: str, knobs: dict | None = None) -> tuple[str, float | None]:
+    """`split_max_loss(spec)`, after raising ValueError for a spec (with a command's knobs) that cannot run,
+    before a model is loaded."""
     from .methods import parse
 
     rest, bound = split_max_loss(spec)
     if bound is None:
         parse(spec, knobs=knobs)
-        return
-    if not 0 <= bound <= 1:
-        raise ValueError(f"max_loss must be a share of the score in [0, 1] (0.02: 2 points), got {bound}")
+        return rest, bound
+    check_bound(bound)
     if any(v is not None for v in (knobs or {}).values()):
         given = sorted(k for k, v in (knobs or {}).items() if v is not None)
         raise ValueError(f"max_loss picks every fastkv knob from the model's frontier: drop {given}")
+    return rest, bound
 
 
 def from_metrics(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from .adapters import adapter_for
-from .frontier import Frontier, check_spec, split_max_loss
+from .frontier import Frontier, check_spec
 from .frontier import find as find_frontier
 from .generate import generate, generate_batch, generate_many, is_batch, stream
 from .methods import Method, parse
@@ -99,8 +99,7 @@ class LLM:
         source that names it with its measured loss (`fastkv.frontier`)."""
         import warnings
 
-        check_spec(spec, knobs)
-        rest, bound = split_max_loss(spec)
+        rest, bound = check_spec(spec, knobs)
         if self.frontier is None:
             note = f"{label(self.name or 'this model')} has no measured frontier (`fastkv eval frontier`)"
             warnings.warn(f"{note}: max_loss={bound} cannot be honoured; running the paper's fastkv", stacklevel=3)

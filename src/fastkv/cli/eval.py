@@ -474,8 +474,7 @@ def frontier(
     import datetime
 
     from ..eval.pareto import frontier_figure, frontier_table
-    from ..frontier import SUFFIX, from_metrics
-    from ..profiles import safe, user_path
+    from ..frontier import from_metrics, user_file
 
     metrics = []
     for directory in evaluations:
@@ -493,7 +492,7 @@ def frontier(
     frontier_figure(built, out_dir / "frontier.png")
     out.print(frontier_table(built), highlight=False)
     if install:
-        target = user_path(model).with_name(safe(model) + SUFFIX)
+        target = user_file(model)
         target.parent.mkdir(parents=True, exist_ok=True)
         built.save(target)
         err.print(f"installed as {model}'s frontier: {target}", highlight=False)

@@ -114,7 +114,7 @@ def frontier_table(frontier) -> str:
     rows = [
         [short_spec(s.spec), f"{s.score:.1f}", f"{s.loss:.1f} [{s.loss_low:.1f}, {s.loss_high:.1f}]",
          f"{s.prefill_speedup:.2f}", f"{100 * s.kv_share:.1f}", "yes" if s in on else ""]
-        for s in sorted(frontier.settings, key=lambda s: (-s.prefill_speedup, s.kv_share, s.loss))
+        for s in frontier.fastest_first()
     ]  # fmt: skip
     header = ["setting", "score", "loss vs FullKV, points [95% CI]", "prefill x FullKV", "KV %", "Pareto"]
     intro = (
