@@ -195,3 +195,56 @@ def test_two_processes_converting_one_model_convert_it_once(tmp_path, monkeypatc
         caller.join()
     assert len(writes) == 1 and done == [final, final]
     assert (final / "weights").read_text() == "converted" and (final / "complete").exists()
+
+
+def test_a_conversion_that_does_not_fit_says_how_much_it_needs_before_it_starts(tmp_path, monkeypatch):
+    """The GGUF (assembled while converting) and the weights kept must fit together; a disk short of that
+    is refused before any work, naming the need, the free space and the folder."""
+    import collections
+
+    spec = fake_spec(tmp_path, monkeypatch, [bytes(1000), bytes(1000)])
+    final = tmp_path / "cache" / "fake-converted"
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(models.shutil, "disk_usage", lambda path: usage(10**12, 0, 3 * 10**9))
+    wrote = []
+    with pytest.raises(models.DiskSpaceError) as caught:
+        models._convert(spec, final, "to float32 safetensors", lambda g, o: wrote.append(o), False, 4 * 10**9)
+    message = str(caught.value)
+    assert "needs about 4.2 GB free in" in message and str(final.parent) in message
+    assert "3.0 GB is free" in message and "FASTKV_CACHE" in message
+    assert wrote == [] and not final.exists()
+    # with room for the need it goes ahead
+    monkeypatch.setattr(models.shutil, "disk_usage", lambda path: usage(10**12, 0, 5 * 10**9))
+    models._convert(spec, final, "to float32 safetensors", lambda g, o: o.mkdir(), False, 4 * 10**9)
+    assert (final / "complete").exists()
+
+
+def test_a_disk_that_fills_while_converting_leaves_no_half_copy(tmp_path, monkeypatch):
+    """The estimate can be short (another process writes meanwhile): a full disk during the write ends in
+    the same clear error, and the scratch folder with its GGUF is removed, not left to hold the space."""
+    import errno
+
+    spec = fake_spec(tmp_path, monkeypatch, [b"gguf", b"bytes"])
+    final = tmp_path / "cache" / "fake-converted"
+
+    def write(gguf, out):
+        out.mkdir()
+        (out / "half.safetensors").write_bytes(bytes(100))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(models.DiskSpaceError, match="converting fake to float32 safetensors needs about"):
+        models._convert(spec, final, "to float32 safetensors", write, False, 100)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["fake-converted.lock"]
+
+    def broken(gguf, out):  # any other failure is not a disk error, and is cleaned up as well
+        raise OSError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(PermissionError):
+        models._convert(spec, final, "to float32 safetensors", broken, False, 100)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["fake-converted.lock"]
+
+
+def test_registered_models_know_what_their_conversion_writes():
+    """The element counts behind the space check: the 1.5B's float32 copy is 7.1 GB (what filled CI's disk)."""
+    assert all(spec.elements > 10**8 for spec in MODELS.values())
+    assert MODELS["qwen2.5-1.5b"].elements * 4 / 1e9 == pytest.approx(7.1, abs=0.05)

