@@ -106,3 +106,17 @@ def test_calibration_picks_a_finalist_resumes_and_its_profile_applies(llm, tmp_p
     result = tuned.generate(list(range(40)), "snapkv", max_tokens=2)
     assert result.stats.defaults == ""
     assert llm.resolve("fastkv")[1] == "paper"  # the first LLM was made before the profile existed
+
+
+def test_one_of_five_hides_five_facts_alike_and_asks_one(tokenizer):
+    """The kind that shows a window holding the template: five facts of one form, told apart only by the
+    question's key, and the answer is the asked key's value (not the first or last fact's by position)."""
+    import re
+
+    prompts = [p for p in prompt_set(tokenizer, (2048,), per_kind=3) if p.kind == "one_of_five"]
+    assert len(prompts) == 3
+    for p in prompts:
+        facts = dict(re.findall(r"The access code of the (\w+(?: \w+)*?) depot is (\d{6})\.", p.text))
+        assert len(facts) == 5 and len(set(facts.values())) == 5
+        asked = re.search(r"What is the access code of the (.+?) depot\?", p.text).group(1)
+        assert facts[asked] == p.answer and p.text.count(p.answer) == 1

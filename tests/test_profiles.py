@@ -50,3 +50,27 @@ def test_other_methods_and_no_profile_are_untouched(llm):
     llm.profile = None
     plain, source = llm.resolve(FastKV())
     assert source == "paper" and plain.same_parts(FastKV().bind(4))
+
+
+def test_an_amended_profile_says_when_and_its_record_holds_why():
+    """A knob changed after calibration is said in `source` with the latest amendment's date; the shipped
+    profiles' amendments name knobs the profile now has, what they were, why, and evidence that exists."""
+    import json
+    from pathlib import Path
+
+    from fastkv.profiles import shipped_dir
+
+    amended = {"created": "2026-11-30", "amended": [{"date": "2026-12-01"}, {"date": "2026-12-07"}]}
+    said = Profile("tiny", KNOBS, "t.json", amended).source
+    assert said == "profile tiny (calibrated 2026-11-30, amended 2026-12-07)"
+    assert Profile("tiny", KNOBS, "t.json", {"created": "2026-11-30"}).source == "profile tiny (calibrated 2026-11-30)"
+    root = Path(__file__).resolve().parents[1]
+    for path in shipped_dir().glob("*.json"):
+        record = json.loads(path.read_text())
+        changes = record.get("amended", [])
+        if changes:  # the latest amendment's knobs are the profile's knobs now
+            assert all(record["knobs"][k] == v for k, v in changes[-1]["knobs"].items()), path.name
+        for change in changes:
+            assert set(change) >= {"date", "knobs", "was", "why", "evidence"}, path.name
+            assert set(change["was"]) == set(change["knobs"]) and change["why"].strip()
+            assert all((root / where).is_dir() for where in change["evidence"]), change["evidence"]

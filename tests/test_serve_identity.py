@@ -93,6 +93,7 @@ def test_a_users_profile_says_user(tmp_path, monkeypatch):
     path = user_path("qwen2.5-0.5b")
     path.parent.mkdir(parents=True)
     record = json.loads((shipped_dir() / "qwen2.5-0.5b.json").read_text()) | {"created": "2027-01-02"}
+    record.pop("amended", None)  # what `fastkv calibrate` writes: a fresh calibration, amended by nobody
     path.write_text(json.dumps(record))
     found = find("qwen2.5-0.5b")
     assert found.origin == "user" and found.source == "profile qwen2.5-0.5b (user, calibrated 2027-01-02)"

@@ -35,7 +35,11 @@ class Profile:
         """Where FastKV's defaults came from, as results and the server report it: no path (`path` has it)."""
         created = self.record.get("created", "?")
         origin = f"{self.origin}, " if self.origin else ""
-        return f"profile {label(self.model)} ({origin}calibrated {created})"
+        # A knob changed by hand after calibration, on evidence calibration's prompts could not give
+        # (`amended`: date, knobs, what they were, why, where the evidence is), is said with its date.
+        amended = self.record.get("amended") or []
+        since = f", amended {amended[-1]['date']}" if amended else ""
+        return f"profile {label(self.model)} ({origin}calibrated {created}{since})"
 
 
 def label(model: str) -> str:

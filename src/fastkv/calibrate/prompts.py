@@ -1,5 +1,6 @@
 """Calibration prompts, built offline from this file alone: haystacks of prose, code and logs, each with
-one needle to retrieve (a number, a word, a UUID, a code identifier, or a two-hop lookup).
+one needle to retrieve (a number, a word, a UUID, a code identifier, a two-hop lookup, or one of five facts
+of the same form).
 
 Nothing here comes from RULER's seeds, tasks or haystack files (essays, SQuAD, HotpotQA, word lists), so
 a profile calibrated on these prompts can be evaluated on RULER without leaking its samples.
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 
 from ..chat import has_template
 
-NEEDLES = ("number", "word", "uuid", "identifier", "two_hop")
+NEEDLES = ("number", "word", "uuid", "identifier", "two_hop", "one_of_five")
+DISTRACTORS = 4  # facts of the same form beside the asked one, in "one_of_five"
 HAYSTACKS = ("prose", "code", "logs")
 PER_KIND = 2  # prompts per needle kind in a calibration
 LENGTHS = (2048, 4096, 8192)  # prompt lengths in tokens, taken in turn
@@ -80,6 +82,15 @@ def _needle(kind: str, rng: random.Random) -> tuple[list[str], str, str]:
             f"What is the name of the function that handles {key} requests?",
             value,
         )
+    if kind == "one_of_five":
+        # Five facts alike, one asked: only the question's own words tell them apart, so a selection that
+        # ranks by a window holding the chat template instead keeps a fact at random (the multi-question
+        # diagnosis, results/multiq-diagnosis-qwen2.5-0.5b). One needle alone cannot show that.
+        keys = [key, *(_name(rng) for _ in range(DISTRACTORS))]
+        codes = [str(c) for c in rng.sample(range(100_000, 1_000_000), len(keys))]  # distinct
+        facts = [f"The access code of the {k} depot is {c}." for k, c in zip(keys, codes, strict=True)]
+        rng.shuffle(facts)
+        return facts, f"What is the access code of the {key} depot?", codes[0]
     other, value = _name(rng), str(rng.randint(10_000, 99_999))
     hops = [
         f"The vault of {key} opens with the same combination as the vault of {other}.",
@@ -102,7 +113,7 @@ def build(tokenizer, kind: str, haystack: str, length: int, seed: int) -> Prompt
             break
         units.append(unit)
         used += cost
-    # The hops go in order at random depths between 10% and 90%.
+    # The hidden sentences (hops, or the five facts) go in order at random depths between 10% and 90%.
     for depth, sentence in sorted(zip(sorted(rng.uniform(0.1, 0.9) for _ in hidden), hidden, strict=True)):
         units.insert(int(depth * len(units)), sentence)
     joiner = "\n" if haystack != "prose" else " "
