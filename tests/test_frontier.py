@@ -169,3 +169,23 @@ def test_the_command_builds_table_plot_and_installs(tmp_path, monkeypatch):
 def test_generate_refuses_a_bad_bound_before_loading(tiny_dir):
     bad = CliRunner().invoke(app, ["generate", "--model", str(tiny_dir), "-q", "hi", "--method", "fastkv(max_loss=3)"])
     assert bad.exit_code == 2 and "max_loss must be a share of the score in [0, 1]" in bad.stderr
+
+
+def test_every_shipped_frontier_is_a_registered_models_and_can_be_picked_from():
+    """What ships: a frontier per model we measured, each with FullKV as its reference (loss 0) and FastKV
+    settings whose specs parse, and `max_loss` picks a FastKV setting from it at a loose bound."""
+    from fastkv.methods import parse
+    from fastkv.models import MODELS
+    from fastkv.profiles import shipped_dir
+
+    shipped = sorted(shipped_dir().glob("*.frontier.json"))
+    assert {p.name.removesuffix(".frontier.json") for p in shipped} >= {"qwen2.5-0.5b", "qwen2.5-1.5b"}
+    for path in shipped:
+        frontier = Frontier.load(path)
+        assert frontier.model in MODELS and frontier.model == path.name.removesuffix(".frontier.json")
+        full = [s for s in frontier.settings if s.spec == "fullkv"]
+        assert len(full) == 1 and full[0].loss == 0 and full[0].prefill_speedup == 1
+        for s in frontier.settings:
+            parse(s.spec)  # every spec still parses (a renamed knob would break max_loss)
+        picked = frontier.pick(1.0)
+        assert picked.spec.startswith("fastkv(") and picked in frontier.settings

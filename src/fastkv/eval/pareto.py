@@ -150,6 +150,6 @@ def frontier_figure(frontier, path: Path) -> Path:
     ax.legend(fontsize=7)
     ax.set_title(f"{frontier.model}: {frontier.suite}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # long labels at the right edge stay whole
     plt.close(fig)
     return path
