@@ -293,7 +293,7 @@ def prepare(spec: ModelSpec, dtype: torch.dtype = torch.float32, progress: bool 
             tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file="model.gguf")
         tokenizer.save_pretrained(out)
 
-    out_bytes = spec.elements * torch.empty((), dtype=dtype).element_size()
+    out_bytes = spec.elements * dtype.itemsize
     return _convert(spec, final, f"to {_dtype_name(dtype)} safetensors", write, progress, out_bytes)
 
 
