@@ -57,7 +57,7 @@ def variants(kind: str) -> list[tuple[str, dict]]:
     allocator)."""
     out = []
     for name, cls in PARTS[kind].items():
-        subs = [f for f in fields(cls) if is_sub(f)]
+        subs = [f for f in fields(cls) if is_sub(f) and f.metadata["named"]]  # (not a policy's decode budget)
         for picked in itertools.product(*(PARTS[f.metadata["kind"]] for f in subs)):
             choices = {f.name: p for f, p in zip(subs, picked, strict=True)}
             out.append(("-".join([name, *picked]), {"cls": cls, **choices}))

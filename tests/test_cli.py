@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from fastkv.cli import app
 from fastkv.cli.knobs import knob_types
+from fastkv.cli.methods import DECODE_KNOBS
 from fastkv.methods import PRESETS
 
 runner = CliRunner()
@@ -32,7 +33,10 @@ def test_methods_lists_presets_parts_and_knobs(columns):
     assert result.exit_code == 0
     for name, cls in PRESETS.items():
         assert f"\n{name}: reduces {cls.prototype.reduces}" in "\n" + result.output
-        assert set(knob_values(result.output, name)) == {f.name for f in dataclasses.fields(cls)}
+        # (every method's decode-time budget is listed once, in its own section)
+        assert set(knob_values(result.output, name)) == {f.name for f in dataclasses.fields(cls)} - set(DECODE_KNOBS)
+    decoding = result.output.split("DECODE-TIME BUDGET", 1)[1].split("\nPARTS", 1)[0]
+    assert [line.split()[0] for line in decoding.splitlines() if " = " in line] == list(DECODE_KNOBS)
     for part in ("tsp", "filter", "schedule", "sinkrecent", "topk", "accumulated", "adaptive", "pyramid"):
         assert f" {part}:" in result.output
     # every knob with the value it takes when it is not set

@@ -69,6 +69,19 @@ def test_compiled_decode_equals_eager():
             assert compiled.slots[0].tolist() == eager.slots[0].tolist()
 
 
+def test_compiled_decode_under_a_decode_budget_equals_eager():
+    """The compiled step writes the query ring too; the cuts between steps see the same queries."""
+    adapter = adapter_for(build_tiny("qwen2"))
+    method = parse("adakv(budget=24, decode_budget=4, decode_interval=2, decode_window=1)")  # cuts at 6 and 8
+    caches = []
+    for logits, fast, eager, compiled in eager_and_compiled(adapter, prompt_ids(96), method, 9):
+        assert torch.allclose(fast, logits, rtol=1e-4, atol=1e-5), (fast - logits).abs().max()
+        caches = [eager, compiled]
+    eager, compiled = caches
+    assert compiled.decode_state.evicted == eager.decode_state.evicted != [0]
+    assert compiled.slots[0].tolist() == eager.slots[0].tolist()
+
+
 def test_compiled_decode_freezes_each_models_own_int8_weights():
     # Compiled decoding on int8 weights freezes them into the graph. Two models of the same shapes must each
     # decode with their own: a graph reused with the first one's constants would match the first model.

@@ -265,3 +265,47 @@ def test_a_request_asks_for_accuracy_and_the_answer_names_the_setting(live, llm)
                                            extra_body={"fastkv": {"method": "fastkv(max_loss=0.001)"}})  # fmt: skip
     finally:
         llm.frontier = None
+
+
+def test_decode_budgets_admit_more_long_generations_and_metrics_count_evictions(llm):
+    import asyncio
+
+    from fastkv import SamplingParams
+    from fastkv.serve.scheduler import Scheduler
+
+    ids = llm.tokenizer(question(1))["input_ids"]
+    new = 900
+    entry = 2 * llm.adapter.num_kv_heads * llm.adapter.head_dim * 4
+    limit = int(2.5 * entry * llm.adapter.num_layers * (len(ids) + new))  # two and a half unbudgeted requests
+    loop = asyncio.new_event_loop()
+    held = {}
+    budgeted = "fullkv(decode_budget=32, decode_interval=16)"
+    for spec in ("fullkv", budgeted):
+        scheduler = Scheduler(llm, limit, max_batch=64, max_queue=64, prefill_chunk=None)
+        method, _ = llm.resolve(spec)
+        for _ in range(40):
+            scheduler.submit(scheduler.make_job(ids, method, SamplingParams(new, ignore_eos=True), loop))
+        while (job := scheduler._admissible()) is not None:
+            scheduler.queue.popleft()
+            scheduler.jobs[job.id] = job
+            scheduler._prefill(job)
+        held[spec] = len(scheduler.batch.rows)
+        for _ in range(60):  # the generations run past their budgets; the batch's memory stays within the limit
+            scheduler.batch.step()
+            assert scheduler.kv_bytes_now() <= limit
+    loop.close()
+    # a budgeted row reserves its prompt plus 32 + 16 generated entries per layer, not its prompt plus 900
+    assert held["fullkv"] == 2 and held[budgeted] == int(2.5 * (len(ids) + new) / (len(ids) + 48)) >= 4 * 2
+
+    server = Live(llm, method=budgeted, kv_mib=64)
+    try:
+        done = server.client.completions.create(model="tiny", prompt=question(3), max_tokens=80, temperature=0,
+                                                extra_body={"ignore_eos": True})  # fmt: skip
+        extra = done.model_extra["fastkv"]
+        assert done.usage.completion_tokens == 80 and extra["kv_evicted"] > 0
+        assert extra["kv_bytes_end"] < extra["kv_bytes"] + 80 * entry * llm.adapter.num_layers
+        metrics = httpx.get(server.url + "/metrics").text
+        evicted = [line for line in metrics.splitlines() if line.startswith("fastkv_decode_evicted_entries_total")]
+        assert evicted and float(evicted[0].split()[-1]) == extra["kv_evicted"]
+    finally:
+        server.close()

@@ -20,7 +20,7 @@ import torch
 
 from .adapters import Adapter, adapter_for
 from .cache import KVCache, keep_rows, merge
-from .decode import decode_step, frozen_decode
+from .decode import decode_step, frozen_decode, start_decoding
 from .engine import prefill
 from .layer import PrefillOptions
 from .methods import Method, format_spec
@@ -82,10 +82,13 @@ class Row:
     params: SamplingParams
     transcript: Transcript
     generator: torch.Generator | None
-    kv: tuple[int, int, list[int]]  # bytes after prefill, a full cache's bytes, entries per layer
+    # bytes after prefill, a full cache's bytes, entries per layer, bytes of one generated entry in every layer
+    kv: tuple[int, int, list[int], int]
     started: float | None = None  # when its first decode step began
     steps: int = 0  # decode steps it took part in
     sent: int = 0  # tokens whose logprobs went out with on_text (when logprobs are asked for)
+    evicted: int = 0  # generated entries its decode budget evicted, over layers and KV heads
+    held: int = 0  # generated entries a layer held at its last step, per KV head
 
     def add(self, logits: torch.Tensor) -> bool:
         """Sample its next token from logits [V] and take it; False once it has ended."""
@@ -116,6 +119,8 @@ class Row:
                 kv_bytes_full=self.kv[1],
                 prefill_shared_by=p.shared_by,
                 prefix_tokens_reused=p.reused,
+                kv_evicted=self.evicted,
+                kv_bytes_end=self.kv[0] + self.held * self.kv[3],
             ),
         )
 
@@ -147,7 +152,7 @@ class DecodeBatch:
             params,
             Transcript(self.tokenizer, set() if params.ignore_eos else self.eos, params.stop),
             params.generator(self.adapter.device),
-            (cache.nbytes(), cache.full_nbytes(), cache.kept_per_layer),
+            (cache.nbytes(), cache.full_nbytes(), cache.kept_per_layer, cache.entry_bytes() * len(cache.keys)),
         )
         try:
             going = row.add(prefilled.logits[0])
@@ -156,6 +161,7 @@ class DecodeBatch:
             self._emit(row)
         except Exception as e:  # this row's failure, reported to its caller
             return e
+        start_decoding(self.adapter, cache)  # before the merge: the batch's state is its rows'
         self.cache = cache if self.cache is None else merge([self.cache, cache])
         self.rows.append(row)
         return None
@@ -174,8 +180,11 @@ class DecodeBatch:
         with compiling(self.adapter, len(self.rows)) if self.compile else contextlib.nullcontext():
             logits = decode_step(self.adapter, self.cache, tokens, position, self.compile)
         done, keep = [], []
+        state = self.cache.decode_state
         for b, row in enumerate(self.rows):
             row.steps += 1
+            row.evicted = state.evicted[b] if state is not None else 0
+            row.held = state.generated[b] if state is not None else row.steps
             try:
                 going = row.add(logits[b])
                 if going and len(row.transcript.out) < row.params.max_tokens:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .compaction import DecodeBudget, DecodeState, merge_states
+
 NO_POSITION = -(2**62)  # the position of a ring slot not written yet: out of every window
 
 
@@ -57,6 +59,10 @@ class KVCache:
     windows: list[int | None] = field(default_factory=list)
     # Per layer with a window: [B, Hkv, capacity_i], each entry's position (NO_POSITION where none); else None.
     entry_pos: list[torch.Tensor | None] = field(default_factory=list)
+    # The policy's decode-time budget (`DecodeBudget`), where it has one: then a non-sliding layer holds at
+    # most decode_budget + decode_interval generated entries, and `decode_state` tracks them (`fastkv.compaction`).
+    decoding: DecodeBudget | None = None
+    decode_state: DecodeState | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.position_base, int) and self.position_base < 0:
@@ -74,7 +80,8 @@ class KVCache:
         for padded layers, which of them are real [B, Hkv, kept]. window: the layer's sliding window, whose
         ring holds at most `window` entries (kept must be fewer)."""
         b, h, kept, d = k.shape
-        capacity = kept + self.max_tokens if window is None else min(kept + self.max_tokens, window)
+        generated = self.max_tokens if self.decoding is None else min(self.max_tokens, self.decoding.held)
+        capacity = kept + generated if window is None else min(kept + self.max_tokens, window)
         if capacity < kept:
             raise ValueError(f"a layer with a window of {window} cannot keep {kept} entries")
         # Zeros, not garbage, in the slots not written yet: a masked score is -inf, but 0 * NaN is NaN.
@@ -110,8 +117,10 @@ class KVCache:
     def capacity(self, layer: int) -> int:
         """Entries `layer` must be able to hold for its furthest row: the next slot plus the steps left; for a
         ring, at most its window, and all of it once a row has wrapped around."""
-        need = int(self.slots[layer].max()) + self.room
         window = self.windows[layer] if self.windows else None
+        if window is None and self.decode_state is not None:
+            return self.decode_state.capacity(layer, self.slots[layer], self.room)
+        need = int(self.slots[layer].max()) + self.room
         if window is None:
             return need
         return min(window, max(need, int(self.attend[layer].sum(dim=-1).max())))
@@ -120,7 +129,10 @@ class KVCache:
     def lengths(self) -> list[int]:
         """Entries each layer holds per KV head: its prefill entries (padding included) and decoded ones (a ring
         no more than its size)."""
-        return [min(kept + self.steps, k.shape[2]) for kept, k in zip(self.kept_per_layer, self.keys, strict=True)]
+        windows = self.windows or [None] * len(self.keys)
+        held = self.steps if self.decode_state is None else self.decode_state.held()
+        return [min(kept + (held if w is None else self.steps), k.shape[2])
+                for kept, k, w in zip(self.kept_per_layer, self.keys, windows, strict=True)]  # fmt: skip
 
     @property
     def kept_per_layer(self) -> list[int]:
@@ -186,6 +198,7 @@ def merge(caches: Sequence[KVCache]) -> KVCache:
         out.entry_pos.append(
             None if window is None else torch.cat([_pad(c.entry_pos[i], capacity, NO_POSITION) for c in caches])
         )
+    out.decode_state = merge_states(caches)
     return out
 
 
@@ -222,4 +235,5 @@ def keep_rows(cache: KVCache, rows: Sequence[int]) -> KVCache:
         positions=take(cache.positions),
         valid=take(cache.valid),
         entry_pos=take(cache.entry_pos),
+        decode_state=None if cache.decode_state is None else cache.decode_state.rows(list(rows)),
     )

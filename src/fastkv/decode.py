@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .adapters import Adapter
 from .cache import KVCache
+from .compaction import DecodeState
 from .layer import capped_attention
 from .quantize import Int8Linear
 
@@ -28,15 +29,27 @@ def decode_step(
     torch.compile: compiled once per process for any cache capacity, and once per model where int8
     weights on a CPU are frozen into the graph (`FROZEN`)."""
     cache.check_room()
+    state = start_decoding(adapter, cache)
+    queries, ring_slots = (state.queries, state.ring_slots(tokens.device)) if state is not None else (None, None)
     position = torch.as_tensor(position, device=tokens.device).expand(tokens.shape[0])
     step = compiled_decode_layers() if compiled else decode_layers
     # One sequence only: for a batch (a dynamic batch size) torch 2.13's template fails to compile (an
     # assertion on its epilogue in cpp_gemm_template), so batches take the plain compiled step.
     frozen = compiled and tokens.shape[0] == 1 and frozen_decode(adapter)
     with frozen_compilation() if frozen else contextlib.nullcontext():
-        logits = step(adapter, cache.keys, cache.values, cache.attend, cache.slots, tokens, position, cache.entry_pos)
+        logits = step(adapter, cache.keys, cache.values, cache.attend, cache.slots, tokens, position, cache.entry_pos,
+                      queries, ring_slots)  # fmt: skip
     cache.steps += 1
+    if state is not None:
+        state.after_step(adapter, cache)  # the rows whose interval is up are cut back to their budget
     return logits
+
+
+def start_decoding(adapter: Adapter, cache: KVCache) -> DecodeState | None:
+    """The cache's decode-time state, made on its first step where its policy has a decode budget."""
+    if cache.decode_state is None and cache.decoding is not None and cache.decoding.active:
+        cache.decode_state = DecodeState.start(cache, adapter, cache.decoding)
+    return cache.decode_state
 
 
 # Compiled decoding of int8 weights on a CPU. `freezing` makes the weights constants of the graph, which
@@ -85,12 +98,15 @@ def compiled_decode_layers():
 
 
 def decode_layers(adapter: Adapter, keys, values, attend, slots, tokens: torch.Tensor, position: torch.Tensor,
-                  entry_pos=None):  # fmt: skip
+                  entry_pos=None, queries=None, ring_slots=None):  # fmt: skip
     """One token per sequence through every layer: write its K/V at each sequence's slot, attend over the
     layer's whole buffer under its mask, advance the slots. Tensors in, tensors out: no Python state.
 
     A layer with a sliding window W is a ring (`KVCache`): its slot wraps around the buffer, each entry's
-    position is kept in entry_pos[i], and the token attends only to entries within W positions of its own."""
+    position is kept in entry_pos[i], and the token attends only to entries within W positions of its own.
+
+    Under a decode budget, queries[i] [B, Hq, Q, d] keeps the latest queries of layer i, each row's written at
+    ring_slots [B] (`fastkv.compaction` scores generated entries with them)."""
     b = tokens.shape[0]
     hq, hkv, d = adapter.num_heads, adapter.num_kv_heads, adapter.head_dim
     h = adapter.embed(tokens.view(b, 1))
@@ -101,6 +117,8 @@ def decode_layers(adapter: Adapter, keys, values, attend, slots, tokens: torch.T
             ropes[key] = adapter.rope(h, position.view(b, 1), i)
         q, k, v = adapter.qkv(layer, adapter.attn_input(layer, h))
         q, k = adapter.apply_rope(q, k, *ropes[key])
+        if queries is not None and queries[i] is not None:
+            queries[i].scatter_(2, ring_slots.view(b, 1, 1, 1).expand(b, hq, 1, d), q)
         at = slots[i].view(b, 1, 1).expand(b, hkv, 1)
         keys[i].scatter_(2, at.unsqueeze(-1).expand(b, hkv, 1, d), k)
         values[i].scatter_(2, at.unsqueeze(-1).expand(b, hkv, 1, d), v)

@@ -150,6 +150,11 @@ def prefill(
     return done.cache, done.logits, done.trace
 
 
+def decoding_of(policy: CachePolicy):
+    """The policy's decode-time budget, where it sets one (else None: every generated entry is kept)."""
+    return policy.decoding if policy.decoding.active else None
+
+
 def check_options(options: PrefillOptions) -> None:
     if not isinstance(options, PrefillOptions):
         raise TypeError(f"options must be a PrefillOptions (max_tokens, prefill_chunk, ...), got {options!r}")
@@ -183,7 +188,7 @@ def run_pass(
     b, n = input_ids.shape
     p = prefix.length if prefix is not None else 0
     pos = torch.arange(p, n, device=input_ids.device).expand(b, n - p)
-    cache = KVCache(prompt_len=n, max_tokens=options.max_tokens, position_base=n)
+    cache = KVCache(prompt_len=n, max_tokens=options.max_tokens, position_base=n, decoding=decoding_of(policy))
     trace = PrefillTrace(prompt_len=n)
     last = adapter.num_layers - 1
 

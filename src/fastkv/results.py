@@ -22,6 +22,8 @@ class GenerationStats:
     prefill_shared_by: int = 1  # methods that one shared prefill served (generate_many); its time is theirs
     defaults: str = ""  # where FastKV's defaults came from: "paper", or the model's calibrated profile
     prefix_tokens_reused: int = 0  # prompt tokens whose prefill state came from the prefix store
+    kv_evicted: int = 0  # generated entries a decode budget evicted, summed over layers and KV heads
+    kv_bytes_end: int = 0  # bytes of the cache at the last step: the prompt's entries and the generated ones held
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -19,7 +19,7 @@ import torch
 
 from .adapters import Adapter
 from .cache import KVCache
-from .engine import check_options, check_prompt, decide_layer, prefill
+from .engine import check_options, check_prompt, decide_layer, decoding_of, prefill
 from .layer import WHOLE, PrefillOptions, layer_step, logits_of
 from .methods import LayerState, Method, Reducer
 from .methods.base import PrefillTrace
@@ -53,7 +53,10 @@ def prefill_many(
     shared = [i for i, m in enumerate(bound) if single_pass(m.reducer)]
     for i in set(range(len(bound))) - set(shared):
         results[i] = prefill(adapter, input_ids, bound[i], replace(options, on_layer=None))
-    caches = {i: KVCache(prompt_len=n, max_tokens=options.max_tokens, position_base=n) for i in shared}
+    caches = {
+        i: KVCache(prompt_len=n, max_tokens=options.max_tokens, position_base=n, decoding=decoding_of(bound[i].policy))
+        for i in shared
+    }
     traces = {i: PrefillTrace(prompt_len=n) for i in shared}
     last = adapter.num_layers - 1
 

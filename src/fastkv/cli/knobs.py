@@ -22,7 +22,7 @@ def knob_types() -> dict[str, tuple[type, str]]:
     for kind in ("policy", "scorer", "allocator", "reducer"):
         for cls in PARTS[kind].values():
             for f in fields(cls):
-                if is_sub(f):
+                if is_sub(f) and f.metadata["named"]:  # (a policy's decode budget is not chosen by name)
                     choices = ", ".join(PARTS[f.metadata["kind"]])
                     found.setdefault(f.name, (str, f"{f.metadata['help']} ({choices})"))
             for name, (hint, _, help) in knob_fields(cls).items():

@@ -45,8 +45,16 @@ def summary(cls: type) -> str:
     return " ".join(doc.split("\n\n", 1)[0].split())
 
 
+# Every cache policy's decode-time budget: listed once, not under each preset and policy.
+DECODE_KNOBS = ("decode_budget", "decode_interval", "decode_window", "decode_scorer")
+
+
+def without_decode(knobs: dict) -> dict:
+    return {k: v for k, v in knobs.items() if k not in DECODE_KNOBS}
+
+
 def part_label(part) -> str:
-    subs = [getattr(part, f.name).name for f in fields(part) if is_sub(f)]
+    subs = [getattr(part, f.name).name for f in fields(part) if is_sub(f) and f.metadata["named"]]
     return part.name + (f" ({', '.join(subs)})" if subs else "")
 
 
@@ -63,18 +71,22 @@ def methods(
         lines += wrapped(summary(cls), 2, 2)
         if cls.paper:
             lines.append(f"  {cls.paper}")
-        knobs = cls.knobs_in_force()
+        knobs = without_decode(cls.knobs_in_force())
         if profile is not None and name == PRESET:
             knobs.update({k: (f"{v} (profile)", knobs[k][1]) for k, v in profile.knobs.items() if k in knobs})
         lines += knob_lines(knobs) if knobs else ["    (no knobs)"]
         lines.append("")
+    lines += [*wrapped("DECODE-TIME BUDGET  (every method has it: fastkv(decode_budget=1024), ...)", 0, 2), ""]
+    lines += wrapped(summary(PARTS["decoding"]["budget"]), 2, 2)
+    lines += knob_lines(in_force(PARTS["decoding"]["budget"]()))
+    lines.append("")
     lines += ["PARTS  (any reducer combines with any cache policy: REDUCER+POLICY)", ""]
     for kind, registered in PARTS.items():
         for name, part_cls in registered.items():
             lines += wrapped(f"{kind} {name}: {summary(part_cls)}", 0, 2)
             subs = {f.name: ("|".join(PARTS[f.metadata["kind"]]), f.metadata["help"]) for f in fields(part_cls)
-                    if is_sub(f)}  # fmt: skip
-            knobs = {**subs, **in_force(part_cls())}
+                    if is_sub(f) and f.metadata["named"]}  # fmt: skip
+            knobs = {**subs, **(in_force(part_cls()) if kind == "decoding" else without_decode(in_force(part_cls())))}
             lines += knob_lines(knobs) if knobs else ["    (no knobs)"]
     lines.append("")
     if model is not None:

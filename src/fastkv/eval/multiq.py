@@ -98,6 +98,8 @@ def appended(llm, s: Session, method, base: int, new_tokens: int) -> list[str]:
     cache, logits, _ = prefill(
         adapter, torch.tensor([last[:base]], device=adapter.device), method, PrefillOptions(room)
     )
+    if cache.decoding is not None:  # answers are taken back out of the cache below, which a decode budget's cuts forbid
+        raise ValueError("the 'compressed once' setup cannot run a method with a decode_budget")
     fed, answers = base, []
     for turn in s.turns:
         for position in range(fed, len(turn)):

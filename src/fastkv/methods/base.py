@@ -28,7 +28,14 @@ if TYPE_CHECKING:
 
 # Part classes by kind and name, filled by `fastkv.methods.registry`: "reducer", "policy", "scorer",
 # "allocator" -> {name: class}.
-PARTS: dict[str, dict[str, type[Part]]] = {"reducer": {}, "policy": {}, "scorer": {}, "allocator": {}}
+PARTS: dict[str, dict[str, type[Part]]] = {
+    "reducer": {},
+    "policy": {},
+    "scorer": {},
+    "allocator": {},
+    "decoding": {},
+    "decode_scorer": {},
+}
 # A share and an absolute count of the same thing: a part takes one of them, never both.
 EXCLUSIVE = (("retain_rate", "budget"), ("tsp_rate", "tsp_len"))
 # Below these, rate-derived sizes are raised: a short prompt (a chat turn) is left uncompressed.
@@ -42,9 +49,10 @@ def knob(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
-def sub_part(kind: str, default: Callable[[], Part], help: str) -> Any:
-    """A field holding another part (a TopK's scorer or allocator), chosen by its registry name."""
-    return field(default_factory=default, metadata={"help": help, "kind": kind})
+def sub_part(kind: str, default: Callable[[], Part], help: str, named: bool = True) -> Any:
+    """A field holding another part (a TopK's scorer or allocator), chosen by its registry name. named=False: a
+    part with one kind only (a policy's decode-time budget), whose knobs appear without its name."""
+    return field(default_factory=default, metadata={"help": help, "kind": kind, "named": named})
 
 
 @dataclass(frozen=True)
@@ -232,7 +240,8 @@ class Part:
         for f in fields(self):
             value = getattr(self, f.name)
             if is_sub(f):
-                out[f.name] = value.name
+                if f.metadata["named"]:
+                    out[f.name] = value.name
                 out.update(value.knobs())
             else:
                 out[f.name] = value
@@ -371,9 +380,12 @@ class Reducer(Part):
 
 @dataclass(frozen=True, kw_only=True)
 class CachePolicy(Part):
-    """Which KV entries each layer keeps for decoding."""
+    """Which KV entries each layer keeps for decoding: of the prompt (`entries`), and of the generated tokens
+    (`decoding`, a `DecodeBudget`: all of them unless its decode_budget is set)."""
 
     kind = "policy"
+
+    decoding: Part = sub_part("decoding", lambda: PARTS["decoding"]["budget"](), "decode-time budget", named=False)
 
     def entries(self, layer: LayerState) -> Selection | None:
         """Entries of the tokens present to cache, or None for all of them."""
@@ -392,6 +404,11 @@ class CachePolicy(Part):
         included: what a server reserves before the prefill that tells the exact count."""
         budget = self.kv_budget(prompt_len)
         return prompt_len if budget is None else min(prompt_len, budget)
+
+    def generated_entries(self, max_tokens: int) -> int:
+        """At most how many generated entries per KV head a (non-sliding) layer holds over `max_tokens` new
+        tokens: all of them, or under a decode budget its budget plus one interval."""
+        return min(max_tokens, self.decoding.held) if self.decoding.active else max_tokens
 
     def for_prompt(self, prompt_len: int) -> CachePolicy:
         """This policy with its budgets fixed as they are for a prompt of prompt_len tokens, for a pass that

@@ -153,6 +153,12 @@ class Preset(Method):
     paper: ClassVar[str] = ""
     prototype: ClassVar[Composed]
 
+    # The cache policy's decode-time budget (`fastkv.methods.decoding.budget.DecodeBudget`): every method has it.
+    decode_budget: int | None = None
+    decode_interval: int | None = None
+    decode_window: int | None = None
+    decode_scorer: str | None = None
+
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         PRESETS[cls.name] = cls

@@ -7,6 +7,8 @@ from .allocators.adaptive import Adaptive
 from .allocators.pyramid import Pyramid
 from .allocators.uniform import Uniform
 from .base import PARTS, Part
+from .decoding.budget import DecodeBudget
+from .decoding.scorers import AccumulatedDecodeAttention, RecentAttention, Redundancy
 from .policies.keep_all import KeepAll
 from .policies.sink_recent import SinkRecent
 from .policies.topk import TopK
@@ -38,3 +40,7 @@ register(LastQuery)
 register(Uniform)
 register(Pyramid)
 register(Adaptive)
+register(DecodeBudget)
+register(RecentAttention)
+register(AccumulatedDecodeAttention)
+register(Redundancy)

@@ -299,6 +299,8 @@ def stats(result: GenerationResult, source: str) -> dict:
         "decode_seconds": round(s.decode_seconds, 4),
         "kv_bytes": s.kv_bytes,
         "kv_bytes_full": s.kv_bytes_full,
+        "kv_bytes_end": s.kv_bytes_end,
+        "kv_evicted": s.kv_evicted,
         "prefix_tokens_reused": s.prefix_tokens_reused,
     }
 

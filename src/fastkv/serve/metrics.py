@@ -21,6 +21,8 @@ class Metrics:
         self.prefix_hits = Counter("fastkv_prefix_hits", "prompts that started from a stored prefix", registry=r)
         self.prefix_misses = Counter("fastkv_prefix_misses", "prompts that started from none", registry=r)
         self.prefix_tokens = Counter("fastkv_prefix_tokens_reused", "prompt tokens taken from the store", registry=r)
+        self.decode_evicted = Counter("fastkv_decode_evicted_entries", "generated KV entries evicted by decode "
+                                      "budgets, summed over layers and KV heads", registry=r)  # fmt: skip
         self.prefix_bytes = Gauge("fastkv_prefix_store_bytes", "bytes held by the prefix store", registry=r)
 
     def finished(self, result) -> None:
@@ -30,3 +32,4 @@ class Metrics:
         self.prefill_seconds.observe(s.prefill_seconds)
         (self.prefix_hits if s.prefix_tokens_reused else self.prefix_misses).inc()
         self.prefix_tokens.inc(s.prefix_tokens_reused)
+        self.decode_evicted.inc(s.kv_evicted)

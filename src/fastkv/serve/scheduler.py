@@ -124,9 +124,11 @@ class Scheduler:
         model or the memory cannot take."""
         check_prompt(self.adapter, len(ids), params.max_tokens)
         n, layers, heads = len(ids), self.adapter.num_layers, self.adapter.num_kv_heads
-        # A layer with a sliding window holds at most its window, however long the prompt and the answer.
-        need = [self.adapter.need(i, method.policy.max_entries(n, i, layers, heads) + params.max_tokens)
-                for i in range(layers)]  # fmt: skip
+        # A layer with a sliding window holds at most its window, however long the prompt and the answer; under a
+        # decode budget, a layer holds at most the budget plus one interval of generated entries.
+        policy, generated = method.policy, method.policy.generated_entries(params.max_tokens)
+        grows = [generated if w is None else params.max_tokens for w in self.adapter.windows]
+        need = [self.adapter.need(i, policy.max_entries(n, i, layers, heads) + grows[i]) for i in range(layers)]
         job = Job(ids, method, params, loop, need=need)
         alone = merged_bytes(None, need, self.entry_bytes)
         if alone > self.kv_limit:
