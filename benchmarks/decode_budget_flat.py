@@ -40,6 +40,7 @@ def run(llm: LLM, ids: list[int], spec: str, new: int, every: int) -> list[tuple
         seconds = time.perf_counter() - start
         done += every
         rows.append((done, 1000 * seconds / every, batch.cache.nbytes() / 2**20 if batch.cache else float("nan")))
+        print(f"# {spec}: {done} new tokens, {rows[-1][1]:.1f} ms/token, {rows[-1][2]:.1f} KV MiB", flush=True)
     return rows
 
 
